@@ -1,0 +1,180 @@
+"""The MoC language model: embedding, blocks (some with a memory branch), final norm, tied head.
+
+A plain block is   h = h + SelfAttn(RMSNorm_1(h));                          h = h + MLP(RMSNorm_2(h))
+A memory block is  h = h + SelfAttn(RMSNorm_1(h)); h = h + MemRead(RMSNorm_m(h), chapters(h_in));
+                   h = h + MLP(RMSNorm_2(h))
+where the router reads h_in, the residual stream entering the block. Which blocks have memory, and
+which bank they read, is configuration (SPEC 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import tensor_parallel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moc_megatron.config import Config
+from moc_megatron.model.layers import RMSNorm, SelfAttention, SwiGLU, normal_init
+from moc_megatron.model.memory import (MemoryBank, MemoryRead, Router, Routing, pool_units, router_losses,
+                                       router_stats)
+from moc_megatron.parallel.state import ParallelContext
+
+
+@contextmanager
+def seeded(seed: int, key: str):
+    """Initialise a module from (seed, key) alone, so weights do not depend on which modules a rank
+    builds (pipeline stages, chapter shards) or in what order."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        yield
+
+
+class MemoryBranch(nn.Module):
+    """Router + RMSNorm_m + memory read: the third residual branch of a memory block."""
+
+    def __init__(self, ctx: ParallelContext, cfg: Config):
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+        self.router = Router(cfg)
+        self.memory_layernorm = RMSNorm(cfg.model.hidden_size, cfg.model.norm_epsilon)
+        self.memory_attn = MemoryRead(ctx, cfg)
+
+    def forward(self, h: torch.Tensor, h_in: torch.Tensor, bank: torch.Tensor, valid):
+        routing = self.router(*pool_units(h_in, valid, self.cfg))
+        out = self.memory_attn(self.memory_layernorm(h), bank, routing)
+        return out, routing
+
+
+class Block(nn.Module):
+    def __init__(self, ctx: ParallelContext, cfg: Config, layer_idx: int):
+        super().__init__()
+        m = cfg.model
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
+        self.self_attn = SelfAttention(ctx, m.hidden_size, m.num_attention_heads, m.num_query_groups,
+                                       m.rotary_base, m.init_method_std)
+        self.memory = None
+        if layer_idx in cfg.memory.layers:
+            with seeded(cfg.training.seed, f"layers.{layer_idx}.memory"):  # backbone init as in vanilla
+                self.memory = MemoryBranch(ctx, cfg)
+        self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
+        self.mlp = SwiGLU(ctx, m.hidden_size, m.ffn_hidden_size, m.init_method_std)
+
+    def forward(self, h: torch.Tensor, bank: torch.Tensor | None = None, valid=None):
+        # h: (b, s, d) -> (b, s, d), and the routing of a memory block (else None)
+        h_in = h
+        h = h + self.self_attn(self.input_layernorm(h))
+        routing = None
+        if self.memory is not None:
+            out, routing = self.memory(h, h_in, bank, valid)
+            h = h + out
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, routing
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None = None                 # lm_loss + lb_coeff * load_balance + z_coeff * z_loss
+    lm_loss: torch.Tensor | None = None
+    load_balance_loss: torch.Tensor | None = None    # averaged over memory layers
+    z_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None               # (b, s, vocab / tp) when no labels were given
+    routings: list[Routing] = field(default_factory=list)
+    router_stats: list[dict] = field(default_factory=list)
+
+
+class MoCModel(nn.Module):
+    """Decoder-only MoC transformer (vanilla when cfg.memory.layers is empty)."""
+
+    def __init__(self, cfg: Config, ctx: ParallelContext):
+        super().__init__()
+        cfg.resolve()
+        self.cfg, self.ctx = cfg, ctx
+        m, seed = cfg.model, cfg.training.seed
+        self.vocab_size = padded_vocab_size(m.vocab_size, ctx.tp_size)
+        with seeded(seed, "embed_tokens"):
+            self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
+                self.vocab_size, m.hidden_size, init_method=normal_init(m.init_method_std),
+                config=ctx.megatron_config(), tp_group=ctx.tp_group)
+        self.layers = nn.ModuleList()
+        for i in range(m.num_layers):
+            with seeded(seed, f"layers.{i}"):
+                self.layers.append(Block(ctx, cfg, i))
+        self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
+        self.banks = nn.ModuleList()
+        for j in range(cfg.num_banks):
+            with seeded(seed, f"banks.{j}"):
+                self.banks.append(MemoryBank(cfg.memory.chapters, cfg.chapter_tokens, m.hidden_size,
+                                             cfg.memory.bank_init_std))
+
+    def bank_for(self, layer_idx: int) -> torch.Tensor | None:
+        if layer_idx not in self.cfg.memory.layers:
+            return None
+        j = 0 if self.cfg.memory.bank_sharing == "global" else self.cfg.memory.layers.index(layer_idx)
+        return self.banks[j].weight
+
+    def forward(self, tokens, labels=None, loss_mask=None, valid=None) -> ModelOutput:
+        # tokens, labels, loss_mask, valid: (b, s)
+        h = self.embed_tokens(tokens)
+        routings = []
+        for block in self.layers:
+            h, routing = self._run_block(block, h, valid)
+            if routing is not None:
+                routings.append(routing)
+        h = self.norm(h)
+        logits = torch.nn.functional.linear(
+            tensor_parallel.copy_to_tensor_model_parallel_region(h, group=self.ctx.tp_group),
+            self.embed_tokens.weight)                                          # (b, s, vocab / tp)
+        out = ModelOutput(routings=routings, router_stats=[router_stats(r, self.cfg) for r in routings])
+        self._add_router_losses(out)
+        if labels is None:
+            out.logits = logits
+            return out
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # (b, s)
+        mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
+        out.lm_loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+        out.loss = out.lm_loss + self._aux_weighted(out)
+        return out
+
+    def _run_block(self, block: Block, h, valid):
+        bank = self.bank_for(block.layer_idx)
+        if self.cfg.model.recompute_activations and self.training:
+            return checkpoint(block, h, bank, valid, use_reentrant=False)
+        return block(h, bank, valid)
+
+    def _add_router_losses(self, out: ModelOutput) -> None:
+        if not out.routings:
+            return
+        per_layer = [router_losses(r, self.cfg, self.ctx.dp_group) for r in out.routings]
+        out.load_balance_loss = torch.stack([p["load_balance_loss"] for p in per_layer]).mean()
+        out.z_loss = torch.stack([p["z_loss"] for p in per_layer]).mean()
+
+    def _aux_weighted(self, out: ModelOutput):
+        if out.load_balance_loss is None:
+            return 0.0
+        mem = self.cfg.memory
+        return mem.load_balance_coeff * out.load_balance_loss + mem.z_loss_coeff * out.z_loss
+
+
+def padded_vocab_size(vocab: int, tp: int) -> int:
+    """Megatron pads the vocabulary so each TP rank holds an equal slice."""
+    return -(-vocab // tp) * tp
+
+
+def parameter_groups(model: MoCModel) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Named parameters split into the three optimizer groups: backbone, memory_layers, bank."""
+    groups: dict[str, list] = {"backbone": [], "memory_layers": [], "bank": []}
+    for name, p in model.named_parameters():
+        if name.startswith("banks."):
+            groups["bank"].append((name, p))
+        elif ".memory." in name:
+            groups["memory_layers"].append((name, p))
+        else:
+            groups["backbone"].append((name, p))
+    return groups

@@ -1,0 +1,212 @@
+"""The memory of a Mixture-of-Chapters model (SPEC 1.1-1.4): bank, router, memory read.
+
+Letters: b batch, s sequence, d hidden, c chapters in the bank, t tokens per chapter, k top-k,
+n = n_shared + k chapters read per routing unit, g routing units per sequence (1 for sequence
+routing, s / chunk for chunk routing), u unique chapters in a micro-batch, h/kv memory heads, e head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+from torch import nn
+
+from moc_megatron.config import Config
+from moc_megatron.model.layers import column_linear, linear, normal_init, rms_norm, row_linear
+from moc_megatron.ops import chapter_gather, unique_chapters
+from moc_megatron.parallel.state import ParallelContext
+
+
+class MemoryBank(nn.Module):
+    """M in R^{c x t x d}: learned latent tokens cut into chapters; the first n_shared are shared."""
+
+    def __init__(self, chapters: int, tokens_per_chapter: int, d: int, std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(chapters, tokens_per_chapter, d))
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+@dataclass
+class Routing:
+    """What the router chose for each routing unit (b, g) of a micro-batch."""
+
+    chapters: torch.Tensor  # (b, g, n) int64: shared chapters first, then the routed top-k
+    weights: torch.Tensor   # (b, g, n): mixing weights, summing to 1 per unit
+    logits: torch.Tensor    # (b, g, c) router logits z
+    probs: torch.Tensor     # (b, g, c) softmax(z) over all chapters
+    active: torch.Tensor    # (b, g) bool: False where a unit reads shared chapters only
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling: one vector per routing unit, from the residual stream entering the block.
+
+
+def pool_units(h: torch.Tensor, valid: torch.Tensor | None, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled router input r (b, g, d) and which units route (b, g).
+
+    sequence: one unit, the mean over valid positions (the paper's mode; sees the future).
+    chunk:    unit j pools positions before chunk j (causal); unit 0 pools its first token or
+              routes to nothing (shared chapters only).
+    """
+    b, s, _ = h.shape
+    mask = torch.ones(b, s, dtype=h.dtype, device=h.device) if valid is None else valid.to(h.dtype)
+    states = rolling_means(h, mask, cfg.memory.rolling_window) if cfg.memory.pooling == "rolling" else h
+    if cfg.memory.routing_unit == "sequence":
+        r = (states * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
+        return r[:, None], torch.ones(b, 1, dtype=torch.bool, device=h.device)
+    c = cfg.memory.routing_chunk
+    sums = (states * mask[..., None]).cumsum(1)[:, c - 1 :: c][:, :-1]  # (b, g-1, d): prefix before chunk j>0
+    counts = mask.cumsum(1)[:, c - 1 :: c][:, :-1]
+    prefix = sums / counts.clamp(min=1)[..., None]
+    first = states[:, :1]  # chunk 0 routes on its first token
+    active = torch.ones(b, s // c, dtype=torch.bool, device=h.device)
+    if cfg.memory.first_chunk == "shared_only":
+        active[:, 0] = False
+    return torch.cat([first, prefix], dim=1), active
+
+
+def rolling_means(h: torch.Tensor, mask: torch.Tensor, w: int) -> torch.Tensor:
+    """Causal rolling-window means: position i averages the valid states in (i - w, i]."""
+    sums = (h * mask[..., None]).cumsum(1)
+    counts = mask.cumsum(1)
+    sums = sums - F.pad(sums, (0, 0, w, 0))[:, : h.shape[1]]
+    counts = counts - F.pad(counts, (w, 0))[:, : h.shape[1]]
+    return sums / counts.clamp(min=1)[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Router (SPEC 1.2) and its losses and statistics (SPEC 1.4).
+
+
+class Router(nn.Module):
+    """z = W_r r + b_r over all chapters; shared chapters always read, top-k of the rest routed."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        mem = cfg.memory
+        self.n_shared, self.top_k, self.scale = mem.shared_chapters, mem.top_k, mem.routed_scaling_factor
+        self.proj = nn.Linear(cfg.model.hidden_size, mem.chapters, bias=True)
+        nn.init.normal_(self.proj.weight, mean=0.0, std=cfg.model.init_method_std)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, r: torch.Tensor, active: torch.Tensor) -> Routing:
+        # r: (b, g, d) pooled states; active: (b, g)
+        z = self.proj(r).float()                                   # (b, g, c)
+        p = z.softmax(-1)
+        routed = p[..., self.n_shared :]
+        routed = routed / routed.sum(-1, keepdim=True)
+        g, idx = routed.topk(self.top_k, dim=-1)                   # (b, g, k)
+        g = g / g.sum(-1, keepdim=True) * self.scale
+        shared = torch.arange(self.n_shared, device=r.device).expand(*idx.shape[:-1], self.n_shared)
+        chapters = torch.cat([shared, idx + self.n_shared], dim=-1)
+        weights = torch.cat([torch.ones_like(g[..., :1]).expand(*g.shape[:-1], self.n_shared),
+                             g * active[..., None]], dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return Routing(chapters, weights.to(r.dtype), z, p, active)
+
+
+def router_losses(routing: Routing, cfg: Config, dp_group=None) -> dict[str, torch.Tensor]:
+    """Load balance and z-loss over the routing units that routed (SPEC 1.4)."""
+    mem, n_shared, k = cfg.memory, cfg.memory.shared_chapters, cfg.memory.top_k
+    act = routing.active.reshape(-1)
+    probs = routing.probs.reshape(-1, mem.chapters)[act]          # (units, c)
+    routed_ids = routing.chapters.reshape(-1, n_shared + k)[act, n_shared:]
+    counts = torch.bincount(routed_ids.reshape(-1), minlength=mem.chapters)[n_shared:].to(probs.dtype)
+    units = torch.tensor(float(probs.shape[0]), device=probs.device)
+    if mem.load_balance_form == "normalized":
+        P_sum = (probs[:, n_shared:] / probs[:, n_shared:].sum(-1, keepdim=True)).sum(0)
+        f_scale = 1.0 / max(k, 1)
+    else:  # the authors' form: P over all chapters (shared included), f per unit; minimum k
+        P_sum = probs[:, n_shared:].sum(0)
+        f_scale = 1.0
+    counts, P_sum, units = _dp_sum(counts, P_sum, units, dp_group if mem.aux_loss_dp_average else None)
+    f = counts * f_scale / units.clamp(min=1)
+    P = P_sum / units.clamp(min=1)
+    load_balance = cfg.routed_chapters * (f * P).sum()
+    z = routing.logits.reshape(-1, mem.chapters)[act]
+    z_loss = torch.logsumexp(z, -1).pow(2).mean() if z.numel() else z.sum()
+    return {"load_balance_loss": load_balance, "z_loss": z_loss}
+
+
+def _dp_sum(counts, P_sum, units, group):
+    """Sum routing statistics over data-parallel ranks; gradient flows through the local P only."""
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return counts, P_sum, units
+    stats = torch.cat([counts, P_sum.detach(), units[None]])
+    torch.distributed.all_reduce(stats, group=group)
+    c = counts.numel()
+    return stats[:c], P_sum + (stats[c : 2 * c] - P_sum.detach()), stats[-1]
+
+
+@torch.no_grad()
+def router_stats(routing: Routing, cfg: Config) -> dict[str, torch.Tensor]:
+    """Logged, not optimised: entropy, fraction of routed chapters used, max/min load, usage counts."""
+    n_shared, k = cfg.memory.shared_chapters, cfg.memory.top_k
+    act = routing.active.reshape(-1)
+    probs = routing.probs.reshape(-1, cfg.memory.chapters)[act]
+    ids = routing.chapters.reshape(-1, n_shared + k)[act, n_shared:].reshape(-1)
+    usage = torch.bincount(ids, minlength=cfg.memory.chapters)  # (c,) shared entries stay 0
+    load = usage[n_shared:].float() / max(ids.numel() / max(cfg.routed_chapters, 1), 1e-9)
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1).mean() if probs.numel() else probs.sum()
+    return {"entropy": entropy, "chapters_used": (usage[n_shared:] > 0).float().mean(),
+            "max_load": load.max(), "min_load": load.min(), "usage": usage}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory read (SPEC 1.3).
+
+
+class MemoryRead(nn.Module):
+    """softmax(Q K^T / sqrt(e)) V W_O over the chapters each routing unit selected.
+
+    K/V are projected once per micro-batch for the unique selected chapters (the weight is a scalar
+    per chapter, so K = w * norm(m) W_K exactly) and gathered per unit by chapter index.
+    """
+
+    def __init__(self, ctx: ParallelContext, cfg: Config):
+        super().__init__()
+        d, mem = cfg.model.hidden_size, cfg.memory
+        self.ctx, self.eps = ctx, cfg.model.norm_epsilon
+        self.normalize = mem.normalize_before_mixing
+        self.e = d // mem.num_heads
+        self.h_local, self.kv_local = mem.num_heads // ctx.tp_size, mem.num_kv_heads // ctx.tp_size
+        std = cfg.model.init_method_std
+        self.q_proj = column_linear(ctx, d, mem.num_heads * self.e, normal_init(std))
+        self.k_proj = column_linear(ctx, d, mem.num_kv_heads * self.e, normal_init(std))
+        self.v_proj = column_linear(ctx, d, mem.num_kv_heads * self.e, normal_init(std))
+        self.o_proj = row_linear(ctx, mem.num_heads * self.e, d, nn.init.zeros_)  # branch starts as identity
+        self.n_shared = mem.shared_chapters
+
+    def project_chapters(self, bank: torch.Tensor, chapters: torch.Tensor):
+        """K, V of the unique chapters: (u, t, kv*e) each, and the inverse map (b, g, n) -> u."""
+        unique, inverse = unique_chapters(chapters.reshape(-1, chapters.shape[-1]))
+        x = bank.index_select(0, unique)                                   # (u, t, d)
+        if self.normalize:
+            x = rms_norm(x, self.eps)
+        return linear(self.k_proj, x), linear(self.v_proj, x), inverse
+
+    def forward(self, x: torch.Tensor, bank: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # x: (b, s, d) = RMSNorm_m(h); bank: (c, t, d)
+        b, s, _ = x.shape
+        units, n = routing.chapters.shape[1], routing.chapters.shape[2]
+        t = bank.shape[1]
+        k_u, v_u, inverse = self.project_chapters(bank, routing.chapters)
+        w = copy_to_tensor_model_parallel_region(routing.weights.reshape(b * units, n), group=self.ctx.tp_group)
+        k = chapter_gather(k_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
+        v = chapter_gather(v_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
+        q = linear(self.q_proj, x).view(b * units, s // units, self.h_local, self.e)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=self._key_mask(routing, t), enable_gqa=True)
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, s, self.h_local * self.e))
+
+    def _key_mask(self, routing: Routing, t: int) -> torch.Tensor | None:
+        """Units that route to nothing read only their shared chapters' keys."""
+        if bool(routing.active.all()):
+            return None
+        n = routing.chapters.shape[-1]
+        keep = torch.ones(*routing.active.shape, n, dtype=torch.bool, device=routing.active.device)
+        keep[..., self.n_shared :] = routing.active[..., None]
+        return keep.reshape(-1, 1, 1, n).repeat_interleave(t, dim=-1)      # (b*g, 1, 1, n*t)

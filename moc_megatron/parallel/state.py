@@ -1,0 +1,105 @@
+"""The one object that owns every process group.
+
+megatron-core's parallel_state is global; it is wrapped here once, and modules receive a
+ParallelContext at construction. No rank arithmetic happens anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from moc_megatron.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Process groups and sizes of one rank. ``None`` groups mean size 1."""
+
+    tp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    pp_group: Optional[dist.ProcessGroup]
+    ep_group: Optional[dist.ProcessGroup]
+    expert_dp_group: Optional[dist.ProcessGroup]
+    tp_size: int = 1
+    tp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def megatron_config(self, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+        """Config for megatron-core's TP layers: full tensors initialised on CPU, then sharded,
+        so weights do not depend on the layout."""
+        return ModelParallelConfig(tensor_model_parallel_size=self.tp_size, use_cpu_initialization=True,
+                                   perform_initialization=True, params_dtype=params_dtype)
+
+
+def init_distributed(backend: Optional[str] = None) -> None:
+    """Initialise torch.distributed from the launcher's environment (torchrun/deepspeed), or as a
+    world of one when launched as a plain process."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend)
+
+
+def initialize(parallel: ParallelConfig) -> ParallelContext:
+    """Build megatron-core's groups for this layout (torch.distributed must be initialised)."""
+    init_distributed()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+    return ParallelContext(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+    )
+
+
+def single_process() -> ParallelContext:
+    """A context of size one everywhere (tests, tools, the HF verifier)."""
+    return initialize(ParallelConfig())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

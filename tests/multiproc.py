@@ -1,0 +1,84 @@
+"""Run a function on N gloo ranks and collect what each returns.
+
+    results = run_ranks(fn, world_size=2, args=(cfg,))   # results[r] is fn's return value on rank r
+
+``fn(rank, world_size, *args)`` runs after ``torch.distributed`` is initialised (gloo, a free loopback
+port). If any rank raises, the others are killed at once and the failing rank's traceback is raised
+here; if the ranks do not all finish within ``timeout`` seconds, they are killed and a TimeoutError
+names the ranks that were still running. A test never hangs CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, outdir, args, env):
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 300.0, env: dict | None = None):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="moc-ranks-") as outdir:
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, outdir, args, env or {}),
+                             daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            _wait(procs, outdir, deadline, timeout)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+                for r in range(world_size)]
+
+
+def _wait(procs, outdir, deadline, timeout):
+    while True:
+        for rank, p in enumerate(procs):
+            if p.exitcode not in (None, 0):
+                err = os.path.join(outdir, f"rank{rank}.err")
+                detail = open(err).read() if os.path.exists(err) else f"exit code {p.exitcode}, no traceback"
+                raise RankFailed(f"rank {rank} of {len(procs)} failed:\n{detail}")
+        if all(p.exitcode == 0 for p in procs):
+            return
+        if time.monotonic() > deadline:
+            alive = [r for r, p in enumerate(procs) if p.is_alive()]
+            raise TimeoutError(f"ranks {alive} still running after {timeout:.0f}s; killed")
+        time.sleep(0.05)
