@@ -119,7 +119,7 @@ def test_memory_branch_matches_naive_reference(ctx, case, padded):
     cfg = tiny_cfg(**CASES[case])
     with seeded(0, "test"):
         branch = MemoryBranch(ctx, cfg)
-        bank = MemoryBank(cfg.memory.chapters, cfg.chapter_tokens, 16, 0.5).weight
+        bank = MemoryBank(cfg, 0.5)
         torch.nn.init.normal_(branch.memory_attn.o_proj.weight, std=0.2)  # zero init would hide gradients
         torch.nn.init.normal_(branch.router.proj.weight, std=0.5)          # distinct routing per unit
     b, s = 3, 8
@@ -134,7 +134,9 @@ def test_memory_branch_matches_naive_reference(ctx, case, padded):
     out, routing = branch(h, h_in, bank, valid)
     from moc_megatron.model.memory import router_losses
     losses = router_losses(routing, cfg)
-    ref_out, ref_lb, ref_z = naive_memory_branch(weights_of(branch), h, h_in, bank, valid, cfg)
+    bank_params = [p for p in (bank.shared, bank.routed) if p is not None]
+    full_bank = torch.cat(bank_params)  # (c, t, d) in global chapter order
+    ref_out, ref_lb, ref_z = naive_memory_branch(weights_of(branch), h, h_in, full_bank, valid, cfg)
 
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, ref_out, **close)
@@ -143,8 +145,8 @@ def test_memory_branch_matches_naive_reference(ctx, case, padded):
 
     # every gradient: inputs, bank, router, norm, projections
     g_out = torch.randn_like(out)
-    leaves = [h, h_in, bank, *weights_of(branch).values()]
-    names = ["h", "h_in", "bank", *weights_of(branch)]
+    leaves = [h, h_in, *bank_params, *weights_of(branch).values()]
+    names = ["h", "h_in", *[f"bank{i}" for i in range(len(bank_params))], *weights_of(branch)]
     ours = torch.autograd.grad((out * g_out).sum() + losses["load_balance_loss"] + losses["z_loss"], leaves)
     ref = torch.autograd.grad((ref_out * g_out).sum() + ref_lb + ref_z, leaves)
     for name, a, r in zip(names, ours, ref):
@@ -157,12 +159,13 @@ def test_bank_gradient_touches_only_selected_chapters(ctx):
     cfg = tiny_cfg(shared_chapters=1, top_k=2)
     with seeded(0, "test"):
         branch = MemoryBranch(ctx, cfg)
-        bank = MemoryBank(cfg.memory.chapters, cfg.chapter_tokens, 16, 0.5).weight
+        bank = MemoryBank(cfg, 0.5)
         torch.nn.init.normal_(branch.memory_attn.o_proj.weight, std=0.2)
     h = torch.randn(1, 8, 16)
     out, routing = branch(h, h, bank, None)
     out.sum().backward()
-    touched = set(torch.nonzero(bank.grad.abs().sum((1, 2))).flatten().tolist())
+    grad = torch.cat([bank.shared.grad, bank.routed.grad])
+    touched = set(torch.nonzero(grad.abs().sum((1, 2))).flatten().tolist())
     assert touched == set(routing.chapters.flatten().tolist())
 
 

@@ -45,7 +45,7 @@ class MemoryBranch(nn.Module):
         self.memory_layernorm = RMSNorm(cfg.model.hidden_size, cfg.model.norm_epsilon)
         self.memory_attn = MemoryRead(ctx, cfg)
 
-    def forward(self, h: torch.Tensor, h_in: torch.Tensor, bank: torch.Tensor, valid):
+    def forward(self, h: torch.Tensor, h_in: torch.Tensor, bank: MemoryBank, valid):
         routing = self.router(*pool_units(h_in, valid, self.cfg))
         out = self.memory_attn(self.memory_layernorm(h), bank, routing)
         return out, routing
@@ -66,7 +66,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
         self.mlp = SwiGLU(ctx, m.hidden_size, m.ffn_hidden_size, m.init_method_std)
 
-    def forward(self, h: torch.Tensor, bank: torch.Tensor | None = None, valid=None):
+    def forward(self, h: torch.Tensor, bank: MemoryBank | None = None, valid=None):
         # h: (b, s, d) -> (b, s, d), and the routing of a memory block (else None)
         h_in = h
         h = h + self.self_attn(self.input_layernorm(h))
@@ -110,14 +110,13 @@ class MoCModel(nn.Module):
         self.banks = nn.ModuleList()
         for j in range(cfg.num_banks):
             with seeded(seed, f"banks.{j}"):
-                self.banks.append(MemoryBank(cfg.memory.chapters, cfg.chapter_tokens, m.hidden_size,
-                                             cfg.memory.bank_init_std))
+                self.banks.append(MemoryBank(cfg, cfg.memory.bank_init_std, ctx.ep_size, ctx.ep_rank))
 
-    def bank_for(self, layer_idx: int) -> torch.Tensor | None:
+    def bank_for(self, layer_idx: int) -> MemoryBank | None:
         if layer_idx not in self.cfg.memory.layers:
             return None
         j = 0 if self.cfg.memory.bank_sharing == "global" else self.cfg.memory.layers.index(layer_idx)
-        return self.banks[j].weight
+        return self.banks[j]
 
     def forward(self, tokens, labels=None, loss_mask=None, valid=None) -> ModelOutput:
         # tokens, labels, loss_mask, valid: (b, s)

@@ -15,18 +15,36 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
 
 from moc_megatron.config import Config
+from moc_megatron.model.dispatch import ChapterParallelRead
 from moc_megatron.model.layers import column_linear, linear, normal_init, rms_norm, row_linear
 from moc_megatron.ops import chapter_gather, unique_chapters
 from moc_megatron.parallel.state import ParallelContext
 
 
 class MemoryBank(nn.Module):
-    """M in R^{c x t x d}: learned latent tokens cut into chapters; the first n_shared are shared."""
+    """M in R^{c x t x d}: learned latent tokens cut into chapters; the first n_shared are shared.
 
-    def __init__(self, chapters: int, tokens_per_chapter: int, d: int, std: float):
+    ``shared`` (n_shared, t, d) lives on every rank; ``routed`` holds this chapter-parallel rank's
+    contiguous slice of the routed chapters, global ids first_routed .. first_routed + len - 1.
+    The full bank is drawn from the seed and then sliced, so values do not depend on the layout.
+    """
+
+    def __init__(self, cfg: Config, std: float, ep_size: int = 1, ep_rank: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(chapters, tokens_per_chapter, d))
-        nn.init.normal_(self.weight, mean=0.0, std=std)
+        mem = cfg.memory
+        full = torch.empty(mem.chapters, cfg.chapter_tokens, cfg.model.hidden_size)
+        nn.init.normal_(full, mean=0.0, std=std)
+        per_rank = cfg.routed_chapters // ep_size
+        self.n_shared = mem.shared_chapters
+        self.first_routed = mem.shared_chapters + ep_rank * per_rank
+        self.shared = nn.Parameter(full[: mem.shared_chapters].clone()) if mem.shared_chapters else None
+        self.routed = nn.Parameter(full[self.first_routed : self.first_routed + per_rank].clone())
+
+    def rows(self, unique: torch.Tensor) -> torch.Tensor:
+        """Chapters by sorted unique global id (u,) -> (u, t, d). Every shared chapter is in ``unique``
+        (all units read them) and sorts first; the rest must be this rank's routed chapters."""
+        routed = self.routed.index_select(0, unique[self.n_shared :] - self.first_routed)
+        return routed if self.shared is None else torch.cat([self.shared, routed])
 
 
 @dataclass
@@ -132,13 +150,18 @@ def router_losses(routing: Routing, cfg: Config, dp_group=None) -> dict[str, tor
 
 
 def _dp_sum(counts, P_sum, units, group):
-    """Sum routing statistics over data-parallel ranks; gradient flows through the local P only."""
-    if group is None or torch.distributed.get_world_size(group) == 1:
+    """Sum routing statistics over data-parallel ranks.
+
+    Every rank then holds the global loss, and the engine averages gradients over DP, so the local
+    share of P carries dp_size times its gradient: the average is the gradient of the global loss.
+    """
+    dp = 1 if group is None else torch.distributed.get_world_size(group)
+    if dp == 1:
         return counts, P_sum, units
     stats = torch.cat([counts, P_sum.detach(), units[None]])
     torch.distributed.all_reduce(stats, group=group)
     c = counts.numel()
-    return stats[:c], P_sum + (stats[c : 2 * c] - P_sum.detach()), stats[-1]
+    return stats[:c], stats[c : 2 * c] + dp * (P_sum - P_sum.detach()), stats[-1]
 
 
 @torch.no_grad()
@@ -179,25 +202,34 @@ class MemoryRead(nn.Module):
         self.v_proj = column_linear(ctx, d, mem.num_kv_heads * self.e, normal_init(std))
         self.o_proj = row_linear(ctx, mem.num_heads * self.e, d, nn.init.zeros_)  # branch starts as identity
         self.n_shared = mem.shared_chapters
+        self.chapter_parallel = ChapterParallelRead(self, ctx.ep_group, ctx.ep_size) if ctx.ep_size > 1 else None
 
-    def project_chapters(self, bank: torch.Tensor, chapters: torch.Tensor):
+    def project_chapters(self, bank: MemoryBank, chapters: torch.Tensor):
         """K, V of the unique chapters: (u, t, kv*e) each, and the inverse map (b, g, n) -> u."""
         unique, inverse = unique_chapters(chapters.reshape(-1, chapters.shape[-1]))
-        x = bank.index_select(0, unique)                                   # (u, t, d)
+        k, v = self.project_rows(bank.rows(unique))
+        return k, v, inverse
+
+    def project_rows(self, x: torch.Tensor):
+        """Bank rows (u, t, d) -> K, V (u, t, kv*e): normalised (no gain), then projected."""
         if self.normalize:
             x = rms_norm(x, self.eps)
-        return linear(self.k_proj, x), linear(self.v_proj, x), inverse
+        return linear(self.k_proj, x), linear(self.v_proj, x)
 
-    def forward(self, x: torch.Tensor, bank: torch.Tensor, routing: Routing) -> torch.Tensor:
-        # x: (b, s, d) = RMSNorm_m(h); bank: (c, t, d)
+    def forward(self, x: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
+        # x: (b, s, d) = RMSNorm_m(h)
         b, s, _ = x.shape
         units, n = routing.chapters.shape[1], routing.chapters.shape[2]
-        t = bank.shape[1]
-        k_u, v_u, inverse = self.project_chapters(bank, routing.chapters)
+        q = linear(self.q_proj, x).view(b * units, s // units, self.h_local, self.e)
         w = copy_to_tensor_model_parallel_region(routing.weights.reshape(b * units, n), group=self.ctx.tp_group)
+        if self.chapter_parallel is not None:
+            out = self.chapter_parallel(q, bank, routing.chapters.reshape(b * units, n), w,
+                                        routing.active.reshape(-1))
+            return linear(self.o_proj, out.reshape(b, s, self.h_local * self.e))
+        t = bank.routed.shape[1]
+        k_u, v_u, inverse = self.project_chapters(bank, routing.chapters)
         k = chapter_gather(k_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
         v = chapter_gather(v_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
-        q = linear(self.q_proj, x).view(b * units, s // units, self.h_local, self.e)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=self._key_mask(routing, t), enable_gqa=True)
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, s, self.h_local * self.e))
