@@ -37,7 +37,7 @@ def perturb_zero_inits(model, ctx, force_chapters=()):
     """W_O of the memory branch starts at zero, which would hide every memory gradient. Give it the
     same full values in every layout: draw the full tensor from a seed, keep this rank's columns."""
     for i, layer in enumerate(model.layers):
-        if layer.memory is not None:
+        if layer is not None and layer.memory is not None:
             w = layer.memory.memory_attn.o_proj.weight                          # (d, h*e / tp)
             full = torch.randn(w.shape[0], w.shape[1] * ctx.tp_size, generator=torch.Generator().manual_seed(i))
             w.data.copy_(full.chunk(ctx.tp_size, dim=1)[ctx.tp_rank] * 0.3)

@@ -14,7 +14,6 @@ per chapter, u unique chapters.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from moc_megatron.ops import chapter_gather, unique_chapters
 
@@ -36,8 +35,6 @@ class AllToAll(torch.autograd.Function):
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     import deepspeed.comm as dscomm
 
-    if not dscomm.is_initialized():
-        dscomm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dscomm.all_to_all_single(out, x.contiguous(), output_split_sizes=out_splits,
                              input_split_sizes=in_splits, group=group)

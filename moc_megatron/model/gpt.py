@@ -44,6 +44,8 @@ class MemoryBranch(nn.Module):
         self.router = Router(cfg)
         self.memory_layernorm = RMSNorm(cfg.model.hidden_size, cfg.model.norm_epsilon)
         self.memory_attn = MemoryRead(ctx, cfg)
+        for p in self.parameters():
+            p.moc_group = "memory_layers"
 
     def forward(self, h: torch.Tensor, h_in: torch.Tensor, bank: MemoryBank, valid):
         routing = self.router(*pool_units(h_in, valid, self.cfg))
@@ -54,6 +56,10 @@ class MemoryBranch(nn.Module):
 class Block(nn.Module):
     def __init__(self, ctx: ParallelContext, cfg: Config, layer_idx: int):
         super().__init__()
+        with seeded(cfg.training.seed, f"layers.{layer_idx}"):
+            self._build(ctx, cfg, layer_idx)
+
+    def _build(self, ctx: ParallelContext, cfg: Config, layer_idx: int):
         m = cfg.model
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(m.hidden_size, m.norm_epsilon)
@@ -96,27 +102,16 @@ class MoCModel(nn.Module):
         super().__init__()
         cfg.resolve()
         self.cfg, self.ctx = cfg, ctx
-        m, seed = cfg.model, cfg.training.seed
+        m = cfg.model
         self.vocab_size = padded_vocab_size(m.vocab_size, ctx.tp_size)
-        with seeded(seed, "embed_tokens"):
-            self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
-                self.vocab_size, m.hidden_size, init_method=normal_init(m.init_method_std),
-                config=ctx.megatron_config(), tp_group=ctx.tp_group)
-        self.layers = nn.ModuleList()
-        for i in range(m.num_layers):
-            with seeded(seed, f"layers.{i}"):
-                self.layers.append(Block(ctx, cfg, i))
+        self.embed_tokens = build_embedding(cfg, ctx)
+        self.layers = nn.ModuleList(Block(ctx, cfg, i) for i in range(m.num_layers))
         self.norm = RMSNorm(m.hidden_size, m.norm_epsilon)
-        self.banks = nn.ModuleList()
-        for j in range(cfg.num_banks):
-            with seeded(seed, f"banks.{j}"):
-                self.banks.append(MemoryBank(cfg, cfg.memory.bank_init_std, ctx.ep_size, ctx.ep_rank))
+        self.banks = nn.ModuleList(SeededBank(cfg, ctx, j) for j in range(cfg.num_banks))
 
     def bank_for(self, layer_idx: int) -> MemoryBank | None:
-        if layer_idx not in self.cfg.memory.layers:
-            return None
-        j = 0 if self.cfg.memory.bank_sharing == "global" else self.cfg.memory.layers.index(layer_idx)
-        return self.banks[j]
+        j = bank_index(self.cfg, layer_idx)
+        return None if j is None else self.banks[j]
 
     def forward(self, tokens, labels=None, loss_mask=None, valid=None) -> ModelOutput:
         # tokens, labels, loss_mask, valid: (b, s)
@@ -126,18 +121,13 @@ class MoCModel(nn.Module):
             h, routing = self._run_block(block, h, valid)
             if routing is not None:
                 routings.append(routing)
-        h = self.norm(h)
-        logits = torch.nn.functional.linear(
-            tensor_parallel.copy_to_tensor_model_parallel_region(h, group=self.ctx.tp_group),
-            self.embed_tokens.weight)                                          # (b, s, vocab / tp)
+        logits = tied_logits(self.norm(h), self.embed_tokens.weight, self.ctx)  # (b, s, vocab / tp)
         out = ModelOutput(routings=routings, router_stats=[router_stats(r, self.cfg) for r in routings])
         self._add_router_losses(out)
         if labels is None:
             out.logits = logits
             return out
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # (b, s)
-        mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
-        out.lm_loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+        out.lm_loss = lm_loss(logits, labels, loss_mask)
         out.loss = out.lm_loss + self._aux_weighted(out)
         return out
 
@@ -161,19 +151,50 @@ class MoCModel(nn.Module):
         return mem.load_balance_coeff * out.load_balance_loss + mem.z_loss_coeff * out.z_loss
 
 
+def bank_index(cfg: Config, layer_idx: int) -> int | None:
+    """Which bank a layer reads: the global one, its own, or none (a plain block)."""
+    if layer_idx not in cfg.memory.layers:
+        return None
+    return 0 if cfg.memory.bank_sharing == "global" else cfg.memory.layers.index(layer_idx)
+
+
+def build_embedding(cfg: Config, ctx: ParallelContext) -> nn.Module:
+    with seeded(cfg.training.seed, "embed_tokens"):
+        return tensor_parallel.VocabParallelEmbedding(
+            padded_vocab_size(cfg.model.vocab_size, ctx.tp_size), cfg.model.hidden_size,
+            init_method=normal_init(cfg.model.init_method_std), config=ctx.megatron_config(), tp_group=ctx.tp_group)
+
+
+class SeededBank(MemoryBank):
+    """Bank j drawn from (seed, "banks.j"): the same values whatever the layout or stage."""
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, j: int):
+        with seeded(cfg.training.seed, f"banks.{j}"):
+            super().__init__(cfg, cfg.memory.bank_init_std, ctx.ep_size, ctx.ep_rank)
+
+
+def tied_logits(h: torch.Tensor, embedding_weight: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """The output head is the embedding: (b, s, d) -> this TP rank's vocabulary slice."""
+    h = tensor_parallel.copy_to_tensor_model_parallel_region(h, group=ctx.tp_group)
+    return torch.nn.functional.linear(h, embedding_weight)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask=None) -> torch.Tensor:
+    """Mean cross-entropy over the positions the mask keeps (vocab-parallel)."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)  # (b, s)
+    mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
 def padded_vocab_size(vocab: int, tp: int) -> int:
     """Megatron pads the vocabulary so each TP rank holds an equal slice."""
     return -(-vocab // tp) * tp
 
 
-def parameter_groups(model: MoCModel) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Named parameters split into the three optimizer groups: backbone, memory_layers, bank."""
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Named parameters split into the three optimizer groups: backbone, memory_layers, bank.
+    Groups are tags set where the parameters are made, so pipeline stages group the same way."""
     groups: dict[str, list] = {"backbone": [], "memory_layers": [], "bank": []}
     for name, p in model.named_parameters():
-        if name.startswith("banks."):
-            groups["bank"].append((name, p))
-        elif ".memory." in name:
-            groups["memory_layers"].append((name, p))
-        else:
-            groups["backbone"].append((name, p))
+        groups[getattr(p, "moc_group", "backbone")].append((name, p))
     return groups

@@ -39,6 +39,11 @@ class MemoryBank(nn.Module):
         self.first_routed = mem.shared_chapters + ep_rank * per_rank
         self.shared = nn.Parameter(full[: mem.shared_chapters].clone()) if mem.shared_chapters else None
         self.routed = nn.Parameter(full[self.first_routed : self.first_routed + per_rank].clone())
+        for p in self.parameters():
+            p.moc_group = "bank"
+        if ep_size > 1:  # DeepSpeed's tags for expert parameters: reduce over expert-data-parallel ranks
+            self.routed.allreduce = False
+            self.routed.group_name = f"ep_size_{ep_size}"
 
     def rows(self, unique: torch.Tensor) -> torch.Tensor:
         """Chapters by sorted unique global id (u,) -> (u, t, d). Every shared chapter is in ``unique``

@@ -66,8 +66,12 @@ def init_distributed(backend: Optional[str] = None) -> None:
 
 
 def initialize(parallel: ParallelConfig) -> ParallelContext:
-    """Build megatron-core's groups for this layout (torch.distributed must be initialised)."""
+    """Build megatron-core's groups for this layout, and DeepSpeed's view of the same world."""
     init_distributed()
+    import deepspeed.comm as dscomm
+
+    if not dscomm.is_initialized():  # wraps the existing torch.distributed world
+        dscomm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -75,6 +79,26 @@ def initialize(parallel: ParallelConfig) -> ParallelContext:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
     )
+    ctx = _context_from_megatron()
+    if ctx.ep_size > 1:
+        register_expert_groups(ctx)
+    return ctx
+
+
+def register_expert_groups(ctx: ParallelContext) -> None:
+    """Give DeepSpeed megatron-core's expert groups under DeepSpeed's name for them, so the
+    engine reduces chapter-shard gradients over exactly the ranks that hold the same shard."""
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ctx.ep_size}"
+    for table, ranks_table, group in (
+            (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS, ctx.ep_group),
+            (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, ctx.expert_dp_group)):
+        table[name] = group
+        ranks_table[name] = dist.get_process_group_ranks(group)
+
+
+def _context_from_megatron() -> ParallelContext:
     return ParallelContext(
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
