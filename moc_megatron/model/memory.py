@@ -233,6 +233,7 @@ class MemoryRead(nn.Module):
             return linear(self.o_proj, out.reshape(b, s, self.h_local * self.e))
         t = bank.routed.shape[1]
         k_u, v_u, inverse = self.project_chapters(bank, routing.chapters)
+        w = w.to(k_u.dtype)  # under autocast K/V may be bf16 while the router works in fp32
         k = chapter_gather(k_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
         v = chapter_gather(v_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
