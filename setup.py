@@ -70,6 +70,10 @@ setup(
     ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "moc-train = moc_megatron.train:main",
+        "moc-preprocess = moc_megatron.data.preprocess:main",
+        "moc-convert-hf = moc_megatron.training.export:main",
+    ]},
     zip_safe=False,
 )

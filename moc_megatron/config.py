@@ -118,6 +118,12 @@ class TrainingConfig:
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage.", (0, 1, 2))
     deepspeed_config: Optional[str] = opt(None, "DeepSpeed JSON; flags fill what it leaves out.")
     nan_policy: str = opt("stop", "On a NaN/inf loss: stop naming the step, or skip the update.", ("stop", "skip"))
+    tokenizer_type: str = opt("NullTokenizer", "Tokenizer of --data-path / --chat-data.",
+                              ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"))
+    tokenizer_model: Optional[str] = opt(None, "Tokenizer file or directory (SentencePiece .model, HF dir).")
+    chat_data: list = opt([], "Instruction tuning: chat JSONL file(s) of {\"messages\": [{role, content}]}.")
+    chat_pack: bool = opt(True, "Pack conversations back to back into --seq-length windows; "
+                          "--no-chat-pack pads one conversation per sample.")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "memory": MemoryConfig,

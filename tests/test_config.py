@@ -114,7 +114,7 @@ FLAGS = """
 --memory-bank-optimizer --weight-decay --adam-beta1 --adam-beta2 --adam-eps --clip-grad --bf16 --seed
 --data-path --split --mock-data --eval-interval --eval-iters --save --save-interval --load --keep-last
 --finetune --tensorboard-dir --log-interval --log-jsonl --peak-tflops --zero-stage --deepspeed-config
---nan-policy
+--nan-policy --tokenizer-type --tokenizer-model --chat-data --chat-pack
 """
 
 

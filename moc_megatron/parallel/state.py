@@ -65,9 +65,21 @@ def init_distributed(backend: Optional[str] = None) -> None:
     dist.init_process_group(backend)
 
 
+def cpu_deepspeed() -> None:
+    """Without a GPU: name DeepSpeed's CPU accelerator and skip its shared-memory comm op, whose
+    JIT build takes minutes and which gloo does not need. Call before deepspeed.comm is used."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def initialize(parallel: ParallelConfig) -> ParallelContext:
     """Build megatron-core's groups for this layout, and DeepSpeed's view of the same world."""
     init_distributed()
+    cpu_deepspeed()
     import deepspeed.comm as dscomm
 
     if not dscomm.is_initialized():  # wraps the existing torch.distributed world

@@ -1,0 +1,102 @@
+"""Optimizer groups and the learning-rate schedule.
+
+Three groups, each with its own peak learning rate (SPEC 1.5): backbone (--lr), memory layers
+(--memory-layer-lr) and the bank (--memory-bank-lr, or frozen with --freeze-memory-bank). Each is
+split into a decayed half and a no-decay half (norm weights and biases: every parameter of fewer than
+two dimensions). megatron-core's OptimizerParamScheduler sets every group's lr from the group's own
+``max_lr`` / ``min_lr`` keys, so all groups follow one schedule shape at their own scale; the minimum
+of each group is its peak times --min-lr / --lr. Our keys: ``group`` (which of the three) and ``decay``;
+DeepSpeed owns ``name`` for chapter-parallel (expert) groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch import nn
+
+from moc_megatron.config import Config
+from moc_megatron.errors import UserError
+from moc_megatron.model.gpt import parameter_groups
+
+# Megatron's decay for the final phase of WSD; the paper does not name one.
+WSD_DECAY_STYLE = "linear"
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim < 2 or name.endswith(".bias")
+
+
+def group_settings(cfg: Config, group: str, decay: bool) -> dict:
+    t = cfg.training
+    peak = {"backbone": t.lr, "memory_layers": t.memory_layer_lr, "bank": t.memory_bank_lr}[group]
+    return {"max_lr": peak, "min_lr": peak * (t.min_lr / t.lr if t.lr > 0 else 0.0), "wd_mult": float(decay)}
+
+
+def optimizer_groups(model: nn.Module, cfg: Config, ep_size: int = 1) -> list[dict]:
+    """Param-group dicts for the optimizer; freezes the bank when asked (its group is left out).
+    With chapter parallelism the bank shards go to DeepSpeed's expert groups (reduced over the
+    expert-data-parallel ranks), keeping their settings."""
+    groups = []
+    for group, named in parameter_groups(model).items():
+        if group == "bank" and cfg.training.freeze_memory_bank:
+            for _, p in named:
+                p.requires_grad_(False)
+            continue
+        for decay in (True, False):
+            params = [p for n, p in named if no_weight_decay(n, p) != decay]
+            if params:
+                settings = group_settings(cfg, group, decay)
+                groups.append({"params": params, "name": group if decay else f"{group}.no_decay", "group": group,
+                               "decay": decay, "lr": settings["max_lr"], **settings})
+    if ep_size > 1:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+    return groups
+
+
+def apply_group_settings(optimizer, cfg: Config) -> None:
+    """Set each group's max_lr / min_lr / wd_mult from cfg (after an optimizer state was loaded)."""
+    for g in optimizer.param_groups:
+        g.update(group_settings(cfg, g["group"], g["decay"]))
+
+
+def group_lrs(optimizer) -> dict[str, float]:
+    """Current lr of each of the three groups (their halves and shards share it)."""
+    return {g["group"]: g["lr"] for g in optimizer.param_groups}
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW whose step can be dropped (--nan-policy skip), under whichever ZeRO stage wraps it:
+    nothing of the weights or the moments changes while ``drop_step`` is set."""
+
+    drop_step = False
+
+    def step(self, closure=None):
+        if self.drop_step:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(groups: list[dict], cfg: Config) -> AdamW:
+    t = cfg.training
+    return AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
+    """Megatron's schedule; resuming takes this run's settings and the checkpoint's step count."""
+    t = cfg.training
+    if t.lr_decay_iters < 1:
+        raise UserError(f"--lr-decay-iters={t.lr_decay_iters}: must be at least 1")
+    if t.lr_warmup_iters and t.lr_warmup_iters >= t.lr_decay_iters:
+        raise UserError(f"--lr-warmup-iters={t.lr_warmup_iters}: must be below --lr-decay-iters={t.lr_decay_iters}")
+    if t.lr_decay_style == "WSD" and not 0 < t.lr_wsd_decay_iters <= t.lr_decay_iters:
+        raise UserError(f"--lr-wsd-decay-iters={t.lr_wsd_decay_iters}: must be in [1, --lr-decay-iters="
+                        f"{t.lr_decay_iters}]")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay,
+        end_wd=t.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        wsd_decay_steps=t.lr_wsd_decay_iters, lr_wsd_decay_style=WSD_DECAY_STYLE)

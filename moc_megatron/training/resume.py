@@ -1,0 +1,80 @@
+"""--load: resume exactly (weights, optimizer, schedule, data position, RNG) or, with --finetune, take
+the weights only. A checkpoint that does not fit the run is refused with the settings that differ."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from moc_megatron.config import Config, flag_name
+from moc_megatron.errors import UserError
+from moc_megatron.training.checkpoint import META, latest_tag, set_rng_state
+from moc_megatron.training.optim import apply_group_settings
+
+# Settings that shape the parameters (or their sharding): the weights cannot load without them.
+WEIGHT_FIELDS = {
+    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "vocab_size"),
+    "memory": ("layers", "tokens", "chapters", "num_heads", "num_kv_heads", "bank_sharing"),
+    "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"),
+}
+# Resuming also continues the same function, optimizer groups and data stream.
+RESUME_FIELDS = {
+    "model": ("rotary_base", "norm_epsilon"),
+    "memory": ("shared_chapters", "top_k", "routed_scaling_factor", "normalize_before_mixing", "pooling",
+               "rolling_window", "routing_unit", "routing_chunk", "first_chunk"),
+    "training": ("seq_length", "seed", "data_path", "split", "mock_data", "chat_data", "tokenizer_type",
+                 "tokenizer_model", "freeze_memory_bank", "memory_bank_optimizer", "zero_stage"),
+}
+
+
+def load(engine, scheduler, cfg: Config, ctx) -> tuple[int, int]:
+    """(iteration, consumed samples) to continue from; (0, 0) with --finetune."""
+    t = cfg.training
+    tag = latest_tag(t.load)
+    path = os.path.join(t.load, tag)
+    check_compatible(read_meta(path), cfg, ctx, path)
+    if t.finetune:
+        engine.load_checkpoint(t.load, tag, load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+        return 0, 0
+    _, client = engine.load_checkpoint(t.load, tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if client is None:
+        raise UserError(f"--load {path}: DeepSpeed could not read the checkpoint")
+    apply_group_settings(engine.optimizer, cfg)  # this run's learning rates, not the checkpoint's
+    scheduler.load_state_dict(client["scheduler"])
+    rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank():05d}.pt")
+    if os.path.exists(rng):
+        set_rng_state(torch.load(rng, weights_only=False))
+    return client["iteration"], client["consumed_samples"]
+
+
+def read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, META)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--load {path}: no {META}; not a checkpoint written by moc-megatron") from None
+
+
+def check_compatible(meta: dict, cfg: Config, ctx, path: str) -> None:
+    saved, now = meta["config"], cfg.to_dict()
+    fields = dict(WEIGHT_FIELDS)
+    if not cfg.training.finetune:
+        fields = {s: WEIGHT_FIELDS.get(s, ()) + RESUME_FIELDS.get(s, ()) for s in {*WEIGHT_FIELDS, *RESUME_FIELDS}}
+    diffs = [(flag_name(s, k), saved[s].get(k), now[s][k]) for s in sorted(fields) for k in fields[s]
+             if saved.get(s, {}).get(k) != now[s][k]]
+    layout = meta.get("layout", {})
+    if not cfg.training.finetune and cfg.training.zero_stage > 0 and layout.get("dp_size", ctx.dp_size) != ctx.dp_size:
+        diffs.append(("data-parallel size (ZeRO-partitioned optimizer state)", layout["dp_size"], ctx.dp_size))
+    if diffs:
+        shown = "; ".join(f"--{name} is {_show(old)} there and {_show(new)} here" for name, old, new in diffs)
+        hint = ("use the checkpoint's settings (its config.yaml)" if cfg.training.finetune else
+                "use the checkpoint's settings (its config.yaml), or --finetune to start a new run from its weights")
+        raise UserError(f"--load {path}: checkpoint incompatible with this run: {shown}. To load it, {hint}")
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -1,0 +1,180 @@
+"""A training run: build, resume, then steps with logging, evaluation and checkpoints.
+
+    run = train(cfg)         # run.history: one StepResult per step; run.evals: one dict per evaluation
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moc_megatron.config import Config
+from moc_megatron.errors import UserError
+from moc_megatron.model.gpt import MoCModel, parameter_groups
+from moc_megatron.parallel.state import ParallelContext, init_distributed, initialize
+from moc_megatron.training import checkpoint
+from moc_megatron.training.data import build_datasets, micro_batches, step_indices
+from moc_megatron.training.engine import accumulation_steps, adopt_deepspeed_json, build_engine, prepare_deepspeed
+from moc_megatron.training.metrics import Reporter, Throughput, print0, router_summary, step_record, warn0
+from moc_megatron.training.resume import load
+from moc_megatron.training.step import StepResult, train_step
+
+
+@dataclass
+class Run:
+    cfg: Config
+    ctx: ParallelContext
+    engine: object
+    optimizer: object
+    scheduler: object
+    train_data: object
+    valid_data: object
+    iteration: int = 0                  # steps done
+    consumed: int = 0                   # training samples read (the data position)
+    start_iteration: int = 0
+    history: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    skipped_steps: int = 0
+    reporter: Reporter | None = None
+    throughput: Throughput | None = None
+    saved_at: int = -1
+
+
+def train(cfg: Config) -> Run:
+    run = build(cfg)
+    try:
+        loop(run)
+    finally:
+        run.reporter.close()
+    return run
+
+
+def build(cfg: Config) -> Run:
+    prepare_deepspeed()
+    if torch.cuda.is_available():  # before NCCL starts: one GPU per local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed()
+    ds = adopt_deepspeed_json(cfg, dist.get_world_size())
+    cfg.validate(dist.get_world_size())
+    check_supported(cfg)
+    ctx = initialize(cfg.parallel)
+    seed_everything(cfg.training.seed)
+    model = MoCModel(cfg, ctx)
+    engine, optimizer, scheduler = build_engine(model, cfg, ctx, ds)
+    train_data, valid_data = build_datasets(cfg)
+    if cfg.training.eval_interval and valid_data is None:
+        warn0(f"--split {cfg.training.split} leaves no validation data: no evaluation")
+    run = Run(cfg, ctx, engine, optimizer, scheduler, train_data, valid_data)
+    if cfg.training.load:
+        run.iteration, run.consumed = load(engine, scheduler, cfg, ctx)
+        run.start_iteration = run.saved_at = run.iteration
+    run.reporter = Reporter(cfg)
+    run.throughput = Throughput(cfg, dist.get_world_size(), run.iteration)
+    describe(run, model)
+    return run
+
+
+def check_supported(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.training
+    if p.pipeline_model_parallel_size > 1 or p.expert_model_parallel_size > 1:
+        raise UserError("the trainer does not run pipeline or chapter (expert) parallelism yet: use "
+                        "--pipeline-model-parallel-size 1 --expert-model-parallel-size 1")
+    if t.memory_bank_optimizer != "adamw":
+        raise UserError(f"--memory-bank-optimizer {t.memory_bank_optimizer}: not implemented yet; use adamw")
+    if t.finetune and not t.load:
+        raise UserError("--finetune needs --load (the pretrained checkpoint)")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loop(run: Run) -> None:
+    t = run.cfg.training
+    while run.iteration < t.train_iters:
+        res = one_step(run)
+        if res.iteration % t.log_interval == 0 or res.iteration == t.train_iters:
+            log_step(run, res)
+        if run.valid_data is not None and t.eval_interval and (res.iteration % t.eval_interval == 0
+                                                               or res.iteration == t.train_iters):
+            evaluate(run)
+        if t.save and t.save_interval and res.iteration % t.save_interval == 0:
+            save(run)
+    if t.save and run.saved_at != run.iteration:
+        save(run)
+    dist.barrier()  # no rank leaves while another still talks to it
+    print0(f"done: {run.iteration} iterations, {run.skipped_steps} skipped")
+
+
+def one_step(run: Run) -> StepResult:
+    cfg, ctx = run.cfg, run.ctx
+    indices = step_indices(run.consumed, cfg, ctx)
+    batches = micro_batches(run.train_data, indices, run.engine.device)
+    res = train_step(run.engine, run.optimizer, run.scheduler, batches, run.iteration + 1, cfg, ctx)
+    run.iteration = res.iteration
+    run.consumed += cfg.training.global_batch_size
+    run.skipped_steps += res.skipped
+    run.history.append(res)
+    return res
+
+
+def log_step(run: Run, res: StepResult) -> None:
+    accum = accumulation_steps(run.cfg, run.ctx)
+    router = router_summary(res.router, accum, run.cfg, run.ctx.dp_group)
+    rec = step_record(res, run.throughput.interval(res.iteration), run.skipped_steps)
+    run.reporter.log_step(rec, router)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Mean lm loss (and total loss) over --eval-iters global batches of the validation split."""
+    started = time.perf_counter()
+    cfg, ctx, engine = run.cfg, run.ctx, run.engine
+    engine.eval()
+    sums, n = torch.zeros(2, dtype=torch.float64, device=engine.device), 0
+    for k in range(cfg.training.eval_iters):
+        for batch in micro_batches(run.valid_data, step_indices(k * cfg.training.global_batch_size, cfg, ctx),
+                                   engine.device):
+            out = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+            sums += torch.stack([out.lm_loss.detach(), out.loss.detach()]).double()
+            n += 1
+    engine.train()
+    if ctx.dp_size > 1:
+        dist.all_reduce(sums, group=ctx.dp_group)
+    lm, loss = (sums / (n * ctx.dp_size)).tolist()
+    rec = {"iteration": run.iteration, "eval_lm_loss": lm, "eval_loss": loss, "eval_ppl": float(np.exp(min(lm, 50)))}
+    run.evals.append(rec)
+    run.reporter.log_eval(rec)
+    run.throughput.exclude(time.perf_counter() - started)
+    return rec
+
+
+def save(run: Run) -> None:
+    started = time.perf_counter()
+    path = checkpoint.save(run.engine, run.scheduler, run.cfg, run.ctx, run.iteration, run.consumed)
+    run.saved_at = run.iteration
+    print0(f"saved {path} ({time.perf_counter() - started:.1f}s)")
+    run.throughput.exclude(time.perf_counter() - started)
+
+
+def describe(run: Run, model: MoCModel) -> None:
+    cfg, ctx = run.cfg, run.ctx
+    t = cfg.training
+    counts = {g: sum(p.numel() for _, p in ps) for g, ps in parameter_groups(model).items()}
+    params = ", ".join(f"{g} {n / 1e6:.2f}M" for g, n in counts.items() if n)
+    print0(f"model: {sum(counts.values()) / 1e6:.2f}M parameters ({params})"
+           f"{'; bank frozen' if t.freeze_memory_bank else ''}")
+    print0(f"world {dist.get_world_size()} = dp {ctx.dp_size} x tp {ctx.tp_size}; ZeRO {t.zero_stage}; "
+           f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
+           f"{accumulation_steps(cfg, ctx)} x dp {ctx.dp_size}; {t.global_batch_size * t.seq_length:,} tokens/step; "
+           f"{'bf16' if run.engine.bfloat16_enabled() else 'fp32'} on {run.engine.device}")
+    if run.iteration:
+        print0(f"resumed from {t.load} at iteration {run.iteration}")
