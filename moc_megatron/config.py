@@ -286,6 +286,9 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
         _fail("expert-model-parallel-size", ep, f"does not divide the {cfg.routed_chapters} routed chapters")
     if ep > 1 and not cfg.has_memory:
         _fail("expert-model-parallel-size", ep, "chapter parallelism needs memory layers (--memory-layers)")
+    if ep > 1 and cfg.training.zero_stage == 0:
+        _fail("zero-stage", 0, "chapter parallelism needs ZeRO stage 1 or 2, so that each rank's optimizer "
+              "state for its chapters is checkpointed")
     if p.pipeline_model_parallel_size > 1 and cfg.training.zero_stage > 1:
         _fail("zero-stage", cfg.training.zero_stage, "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
     if world_size is None:

@@ -105,18 +105,27 @@ class MoCPipeline(PipelineModule):
     def _specs(self, cfg: Config, ctx: ParallelContext):
         """Layer specs, recorded as units (lists of consecutive specs that must share a stage)."""
         cost = block_costs(cfg)
-        self._unit([TiedLayerSpec("embed", EmbeddingPipe, cfg, ctx, tied_weight_attr=["embed_tokens.weight"])], 0.0)
-        bank_attrs = ["routed"] + (["shared"] if cfg.memory.shared_chapters else [])
-        for i in range(cfg.model.num_layers):
-            j = bank_index(cfg, i)
-            unit = [] if j is None else [TiedLayerSpec(f"bank{j}", SeededBank, cfg, ctx, j, forward_fn=bank_passthrough,
-                                                        tied_weight_attr=bank_attrs)]
-            self._unit(unit + [LayerSpec(BlockPipe, ctx, cfg, i)], cost["memory_block" if j is not None else "block"])
         m = cfg.model
-        self._unit([LayerSpec(FinalNormPipe, m.hidden_size, m.norm_epsilon),
-                    TiedLayerSpec("embed", EmbeddingPipe, cfg, ctx, forward_fn=head_forward,
-                                  tied_weight_attr=["embed_tokens.weight"])], cost["head"])
-        return [spec for unit in self.unit_specs for spec in unit]
+        bank_attrs = ["routed"] + (["shared"] if cfg.memory.shared_chapters else [])
+        unit: list = []
+        for name in spec_layout(cfg):
+            if name == "embed":
+                self._unit([TiedLayerSpec("embed", EmbeddingPipe, cfg, ctx, tied_weight_attr=["embed_tokens.weight"])], 0.0)
+            elif name.startswith("banks."):
+                j = int(name.split(".")[1])
+                unit = [TiedLayerSpec(f"bank{j}", SeededBank, cfg, ctx, j, forward_fn=bank_passthrough,
+                                      tied_weight_attr=bank_attrs)]
+            elif name.startswith("layers."):
+                i = int(name.split(".")[1])
+                kind = "block" if bank_index(cfg, i) is None else "memory_block"
+                self._unit(unit + [LayerSpec(BlockPipe, ctx, cfg, i)], cost[kind])
+                unit = []
+            elif name == "norm":
+                unit = [LayerSpec(FinalNormPipe, m.hidden_size, m.norm_epsilon)]
+            else:  # head
+                self._unit(unit + [TiedLayerSpec("embed", EmbeddingPipe, cfg, ctx, forward_fn=head_forward,
+                                                 tied_weight_attr=["embed_tokens.weight"])], cost["head"])
+        return [spec for u in self.unit_specs for spec in u]
 
     def _unit(self, specs, cost):
         self.unit_specs.append(specs)
@@ -145,6 +154,17 @@ class MoCPipeline(PipelineModule):
                 values += layer.aux_values
                 layer.aux_values = []
         return values
+
+
+def spec_layout(cfg: Config) -> list[str]:
+    """The pipeline's layer specs in order, by the name of what each holds: "embed", "banks.j"
+    (pass-through in front of a memory block), "layers.i", "norm", "head". Checkpoint layer files
+    are numbered by this list."""
+    names = ["embed"]
+    for i in range(cfg.model.num_layers):
+        j = bank_index(cfg, i)
+        names += ([] if j is None else [f"banks.{j}"]) + [f"layers.{i}"]
+    return names + ["norm", "head"]
 
 
 def pipeline_loss(logits, labels):

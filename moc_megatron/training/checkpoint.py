@@ -26,6 +26,7 @@ import yaml
 
 from moc_megatron.config import Config
 from moc_megatron.errors import UserError
+from moc_megatron.training.bank_io import local_banks, save_banks, writes_bank
 
 TAG = re.compile(r"^iter_(\d{7})$")
 META = "moc_checkpoint.json"
@@ -46,6 +47,7 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
     client = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
     engine.save_checkpoint(root, tag=tmp, client_state=client, save_latest=False)
     torch.save(rng_state(), os.path.join(root, tmp, f"rng_rank{_rank():05d}.pt"))
+    save_bank_shards(engine.module, ctx, os.path.join(root, tmp))
     _barrier()
     if _rank() == 0:
         _write_meta(os.path.join(root, tmp), cfg, ctx, iteration)
@@ -53,6 +55,13 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
         prune(root, cfg.training.keep_last)
     _barrier()
     return os.path.join(root, tag)
+
+
+def save_bank_shards(module, ctx, path: str) -> None:
+    """Banks by global chapter id (bank_io): DeepSpeed keeps only one chapter-parallel rank's shard."""
+    banks = {j: b for j, b in local_banks(module).items() if writes_bank(module, ctx, j)}
+    if banks:
+        save_banks(banks, path, write_shared=ctx.ep_rank == 0)
 
 
 def _publish(root: str, tmp: str, tag: str) -> None:

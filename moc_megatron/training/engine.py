@@ -100,8 +100,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext, ds: 
         warn0("--bf16: this device has no bf16; training in fp32")
     groups = optimizer_groups(model, cfg, ctx.ep_size)
     optimizer = build_optimizer(groups, cfg)
+    pipeline = isinstance(model, deepspeed.PipelineModule)  # it brings its own grid as the mpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx, ds),
-                                           mpu=TensorParallelUnit(ctx) if ctx.tp_size > 1 else None,
+                                           mpu=TensorParallelUnit(ctx) if ctx.tp_size > 1 and not pipeline else None,
                                            dist_init_required=False)
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # ZeRO 1/2 drop a step with NaN/inf gradients only when asked (fp32: only when clipping)

@@ -10,6 +10,7 @@ import torch
 
 from moc_megatron.config import Config, flag_name
 from moc_megatron.errors import UserError
+from moc_megatron.training.bank_io import has_bank_files, load_banks, local_banks
 from moc_megatron.training.checkpoint import META, latest_tag, set_rng_state
 from moc_megatron.training.optim import apply_group_settings
 
@@ -39,16 +40,24 @@ def load(engine, scheduler, cfg: Config, ctx) -> tuple[int, int]:
     if t.finetune:
         engine.load_checkpoint(t.load, tag, load_module_only=True, load_optimizer_states=False,
                                load_lr_scheduler_states=False)
+        _load_bank_shards(engine, cfg, path)
         return 0, 0
     _, client = engine.load_checkpoint(t.load, tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if client is None:
         raise UserError(f"--load {path}: DeepSpeed could not read the checkpoint")
+    _load_bank_shards(engine, cfg, path)
     apply_group_settings(engine.optimizer, cfg)  # this run's learning rates, not the checkpoint's
     scheduler.load_state_dict(client["scheduler"])
     rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank():05d}.pt")
     if os.path.exists(rng):
         set_rng_state(torch.load(rng, weights_only=False))
     return client["iteration"], client["consumed_samples"]
+
+
+def _load_bank_shards(engine, cfg: Config, path: str) -> None:
+    """This rank's chapters from bank/ (by global chapter id), over what DeepSpeed restored."""
+    if has_bank_files(path):
+        load_banks(local_banks(engine.module), path, cfg.memory.chapters)
 
 
 def read_meta(path: str) -> dict:

@@ -17,12 +17,15 @@ import torch.distributed as dist
 from moc_megatron.config import Config
 from moc_megatron.errors import UserError
 from moc_megatron.model.gpt import MoCModel, parameter_groups
+from moc_megatron.model.pipeline import MoCPipeline
+from moc_megatron.parallel.deepspeed_moe import mark_chapter_parallel
 from moc_megatron.parallel.state import ParallelContext, init_distributed, initialize
 from moc_megatron.training import checkpoint
 from moc_megatron.training.data import build_datasets, micro_batches, step_indices
 from moc_megatron.training.engine import accumulation_steps, adopt_deepspeed_json, build_engine, prepare_deepspeed
 from moc_megatron.training.metrics import Reporter, Throughput, print0, router_summary, step_record, warn0
 from moc_megatron.training.resume import load
+from moc_megatron.training.pipeline_step import eval_lm_loss_pipeline, train_step_pipeline
 from moc_megatron.training.step import StepResult, train_step
 
 
@@ -65,7 +68,7 @@ def build(cfg: Config) -> Run:
     check_supported(cfg)
     ctx = initialize(cfg.parallel)
     seed_everything(cfg.training.seed)
-    model = MoCModel(cfg, ctx)
+    model = build_model(cfg, ctx)
     engine, optimizer, scheduler = build_engine(model, cfg, ctx, ds)
     train_data, valid_data = build_datasets(cfg)
     if cfg.training.eval_interval and valid_data is None:
@@ -80,11 +83,15 @@ def build(cfg: Config) -> Run:
     return run
 
 
+def build_model(cfg: Config, ctx: ParallelContext):
+    """MoCModel, or this rank's pipeline stage; chapter shards marked as DeepSpeed expert parameters."""
+    model = MoCPipeline(cfg, ctx) if ctx.pp_size > 1 else MoCModel(cfg, ctx)
+    mark_chapter_parallel(model, ctx)
+    return model
+
+
 def check_supported(cfg: Config) -> None:
-    p, t = cfg.parallel, cfg.training
-    if p.pipeline_model_parallel_size > 1 or p.expert_model_parallel_size > 1:
-        raise UserError("the trainer does not run pipeline or chapter (expert) parallelism yet: use "
-                        "--pipeline-model-parallel-size 1 --expert-model-parallel-size 1")
+    t = cfg.training
     if t.memory_bank_optimizer != "adamw":
         raise UserError(f"--memory-bank-optimizer {t.memory_bank_optimizer}: not implemented yet; use adamw")
     if t.finetune and not t.load:
@@ -118,7 +125,10 @@ def one_step(run: Run) -> StepResult:
     cfg, ctx = run.cfg, run.ctx
     indices = step_indices(run.consumed, cfg, ctx)
     batches = micro_batches(run.train_data, indices, run.engine.device)
-    res = train_step(run.engine, run.optimizer, run.scheduler, batches, run.iteration + 1, cfg, ctx)
+    if ctx.pp_size > 1:
+        res = train_step_pipeline(run.engine, run.scheduler, batches, run.iteration + 1, cfg, ctx)
+    else:
+        res = train_step(run.engine, run.optimizer, run.scheduler, batches, run.iteration + 1, cfg, ctx)
     run.iteration = res.iteration
     run.consumed += cfg.training.global_batch_size
     run.skipped_steps += res.skipped
@@ -172,7 +182,8 @@ def describe(run: Run, model: MoCModel) -> None:
     params = ", ".join(f"{g} {n / 1e6:.2f}M" for g, n in counts.items() if n)
     print0(f"model: {sum(counts.values()) / 1e6:.2f}M parameters ({params})"
            f"{'; bank frozen' if t.freeze_memory_bank else ''}")
-    print0(f"world {dist.get_world_size()} = dp {ctx.dp_size} x tp {ctx.tp_size}; ZeRO {t.zero_stage}; "
+    print0(f"world {dist.get_world_size()} = dp {ctx.dp_size} x tp {ctx.tp_size} x pp {ctx.pp_size} "
+           f"(chapter parallel {ctx.ep_size} within dp); ZeRO {t.zero_stage}; "
            f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
            f"{accumulation_steps(cfg, ctx)} x dp {ctx.dp_size}; {t.global_batch_size * t.seq_length:,} tokens/step; "
            f"{'bf16' if run.engine.bfloat16_enabled() else 'fp32'} on {run.engine.device}")

@@ -1,0 +1,97 @@
+"""Bank shards in checkpoints, by global chapter id.
+
+DeepSpeed writes one copy of the model per TP rank (and per pipeline layer), taken from data-parallel
+rank 0, so the routed chapters of other chapter-parallel (EP) ranks would be lost, and pipeline
+layer files skip tied pass-through layers. Banks are therefore written by us:
+
+    {checkpoint}/bank/bank{j}.shared.pt              (n_shared, t, d)
+    {checkpoint}/bank/bank{j}.routed.{a}-{b}.pt      global chapters a .. b-1
+
+and read back at any EP size by chapter id.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from moc_megatron.errors import UserError
+
+ROUTED = re.compile(r"^bank(\d+)\.routed\.(\d+)-(\d+)\.pt$")
+
+
+def save_banks(banks: dict[int, torch.nn.Module], path: str, write_shared: bool) -> None:
+    """Write this rank's shards. ``banks``: bank index -> MemoryBank of this rank."""
+    os.makedirs(os.path.join(path, "bank"), exist_ok=True)
+    for j, bank in banks.items():
+        first = bank.first_routed
+        last = first + bank.routed.shape[0]
+        torch.save(bank.routed.detach().cpu().clone(), os.path.join(path, "bank", f"bank{j}.routed.{first}-{last}.pt"))
+        if write_shared and bank.shared is not None:
+            torch.save(bank.shared.detach().cpu().clone(), os.path.join(path, "bank", f"bank{j}.shared.pt"))
+
+
+def read_full_bank(path: str, j: int, chapters: int, n_shared: int) -> torch.Tensor:
+    """The whole bank j (chapters, t, d) in global chapter order, from whatever EP layout wrote it."""
+    folder = os.path.join(path, "bank")
+    shards = sorted((int(m[2]), int(m[3]), name) for name in _listdir(folder)
+                    if (m := ROUTED.match(name)) and int(m[1]) == j)
+    parts, expected = [], n_shared
+    for first, last, name in shards:
+        if first != expected:
+            raise UserError(f"{folder}: bank {j} chapters {expected}..{first - 1} are missing "
+                            f"(have {[f'{a}-{b}' for a, b, _ in shards]})")
+        parts.append(torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True))
+        expected = last
+    if expected != chapters:
+        raise UserError(f"{folder}: bank {j} ends at chapter {expected}, the config has {chapters}")
+    if n_shared:
+        shared_file = os.path.join(folder, f"bank{j}.shared.pt")
+        if not os.path.exists(shared_file):
+            raise UserError(f"{shared_file} is missing")
+        parts.insert(0, torch.load(shared_file, map_location="cpu", weights_only=True))
+    return torch.cat(parts)
+
+
+def load_banks(banks: dict[int, torch.nn.Module], path: str, chapters: int) -> None:
+    """Fill this rank's shards from a checkpoint written at any EP size."""
+    for j, bank in banks.items():
+        full = read_full_bank(path, j, chapters, bank.n_shared)
+        with torch.no_grad():
+            first = bank.first_routed
+            bank.routed.copy_(full[first : first + bank.routed.shape[0]])
+            if bank.shared is not None:
+                bank.shared.copy_(full[: bank.n_shared])
+
+
+def has_bank_files(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "bank"))
+
+
+def _listdir(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} does not exist: the checkpoint has no bank files")
+    return os.listdir(folder)
+
+
+def local_banks(module: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Bank index -> this rank's bank module, for a MoCModel or a pipeline stage."""
+    if hasattr(module, "tied_modules"):
+        return {int(k[4:]): m for k, m in module.tied_modules.items() if k.startswith("bank")}
+    return dict(enumerate(getattr(module, "banks", [])))
+
+
+def writes_bank(module: torch.nn.Module, ctx, j: int) -> bool:
+    """One writer per distinct shard: TP rank 0, expert-data-parallel rank 0, first stage holding it."""
+    import torch.distributed as dist
+
+    if ctx.tp_rank != 0:
+        return False
+    if ctx.ep_size > 1 and dist.get_rank(ctx.expert_dp_group) != 0:
+        return False
+    if ctx.ep_size == 1 and ctx.dp_rank != 0:
+        return False
+    tie = getattr(module, "tied_comms", {}).get(f"bank{j}")
+    return tie is None or tie["ranks"][0] == dist.get_rank()
