@@ -32,7 +32,7 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m moc_megatron.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tools/quickstart.py --out demo_out
 
 demo-clean:
 	rm -rf demo_out

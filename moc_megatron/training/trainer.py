@@ -84,9 +84,11 @@ def build(cfg: Config) -> Run:
 
 
 def build_model(cfg: Config, ctx: ParallelContext):
-    """MoCModel, or this rank's pipeline stage; chapter shards marked as DeepSpeed expert parameters."""
+    """MoCModel, or this rank's pipeline stage; chapter shards marked as DeepSpeed expert parameters
+    (a frozen bank has no gradient to reduce, and ZeRO refuses expert marks without expert groups)."""
     model = MoCPipeline(cfg, ctx) if ctx.pp_size > 1 else MoCModel(cfg, ctx)
-    mark_chapter_parallel(model, ctx)
+    if not cfg.training.freeze_memory_bank:
+        mark_chapter_parallel(model, ctx)
     return model
 
 

@@ -1,0 +1,25 @@
+"""`make demo`'s script end to end, shortened (--quick): every stage runs for real, on 2 ranks, and a
+rerun reuses the finished stages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "tools/quickstart.py"), "--out", str(tmp_path), "--quick"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["moc_eval_lm_loss"]) >= 2 and len(summary["vanilla_eval_lm_loss"]) >= 2
+    assert summary["moc_eval_lm_loss"][-1] < summary["moc_eval_lm_loss"][0]
+    assert "max |logit difference|" in first.stdout and "verify: causal" in first.stdout
+    assert (tmp_path / "hf" / "moc-tiny-ift" / "tokenizer.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("(reusing") >= 7
