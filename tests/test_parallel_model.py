@@ -115,8 +115,8 @@ MEMORY = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process_loss_and_gradients(ctx, layout, memory):
     world, tp, ep = LAYOUTS[layout]
-    if layout == "tp2_ep2" and memory != "sequence":
-        pytest.skip("4-rank layout checked on the default routing only, to keep the suite short")
+    if layout != "ep2" and memory != "sequence":
+        pytest.skip("chunk routing changes only the chapter-parallel dispatch: checked on ep2, to keep the suite short")
     ref_loss, ref_grads = single_process(ctx, MEMORY[memory])
     result = run_ranks(run_layout, world, args=(tp, ep, MEMORY[memory]), timeout=300)[0]
     assert abs(result["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (result["loss"], ref_loss)
