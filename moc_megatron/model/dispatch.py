@@ -105,7 +105,8 @@ class ChapterParallelRead:
         p, n, t = rows.shape[0], rows.shape[1], table.shape[1]
         unique, inverse = unique_chapters(rows)
         k_u, v_u = self.read.project_rows(table.index_select(0, unique))
-        w = w.to(k_u.dtype)        k = chapter_gather(k_u, inverse, w).view(p, n * t, self.read.kv_local, self.read.e)
+        w = w.to(k_u.dtype)
+        k = chapter_gather(k_u, inverse, w).view(p, n * t, self.read.kv_local, self.read.e)
         v = chapter_gather(v_u, inverse, w).view(p, n * t, self.read.kv_local, self.read.e)
         return k, v
 
