@@ -33,6 +33,7 @@ def tiny(save, tp=1, pp=1, ep=1, **memory):
                        training={"seq_length": 32, "micro_batch_size": 1, "global_batch_size": 4, "train_iters": 2,
                                  "lr_warmup_iters": 0, "lr": LR, "min_lr": LR / 10, "memory_layer_lr": LR,
                                  "memory_bank_lr": LR, "eval_interval": 0, "log_interval": 1, "save": save,
+                                 "log_jsonl": os.path.join(save, "log.jsonl"),
                                  "zero_stage": 1, "mock_data": True, "seed": 5})
 
 
@@ -66,6 +67,12 @@ def test_layout_checkpoint_merges_to_the_single_process_weights(single, tmp_path
     run_ranks(_train, world, args=(str(tmp_path), tp, pp, ep), timeout=900)
     cfg, state = merged(str(tmp_path))
     ref_cfg, ref = single
+    if ep > 1:  # every rank's chapter all-to-all traffic is logged per step
+        import json
+
+        rec = json.loads(open(tmp_path / "log.jsonl").readline())
+        assert len(rec["chapter_bytes_sent"]) == world and min(rec["chapter_bytes_sent"]) > 0
+        assert sum(rec["chapter_bytes_sent"]) == sum(rec["chapter_bytes_received"])
     assert set(state) == set(ref), set(state) ^ set(ref)
     for name, tensor in ref.items():
         assert state[name].shape == tensor.shape, name

@@ -47,6 +47,7 @@ class Run:
     reporter: Reporter | None = None
     throughput: Throughput | None = None
     saved_at: int = -1
+    comm_bytes: tuple = (0, 0)          # chapter all-to-all bytes (sent, received) of the last step
 
 
 def train(cfg: Config) -> Run:
@@ -132,6 +133,7 @@ def one_step(run: Run) -> StepResult:
     else:
         res = train_step(run.engine, run.optimizer, run.scheduler, batches, run.iteration + 1, cfg, ctx)
     run.iteration = res.iteration
+    run.comm_bytes = take_comm_bytes(run.engine.module)
     run.consumed += cfg.training.global_batch_size
     run.skipped_steps += res.skipped
     run.history.append(res)
@@ -142,7 +144,23 @@ def log_step(run: Run, res: StepResult) -> None:
     accum = accumulation_steps(run.cfg, run.ctx)
     router = router_summary(res.router, accum, run.cfg, run.ctx.dp_group)
     rec = step_record(res, run.throughput.interval(res.iteration), run.skipped_steps)
+    if run.ctx.ep_size > 1:  # every rank's chapter all-to-all traffic in the step
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, run.comm_bytes)
+        rec["chapter_bytes_sent"] = [sent for sent, _ in per_rank]
+        rec["chapter_bytes_received"] = [received for _, received in per_rank]
     run.reporter.log_step(rec, router)
+
+
+def take_comm_bytes(module) -> tuple[int, int]:
+    """Bytes this rank's chapter-parallel reads sent and received since the last call; resets them."""
+    sent = received = 0
+    for m in module.modules():
+        read = getattr(m, "chapter_parallel", None)
+        if read is not None:
+            sent, received = sent + read.bytes_sent, received + read.bytes_received
+            read.bytes_sent = read.bytes_received = 0
+    return sent, received
 
 
 @torch.no_grad()
