@@ -64,7 +64,7 @@ class ChapterParallelRead:
         ns = bank.n_shared
         parts = []
         if ns:
-            k, v = self._keys(bank.shared, chapters[:, :ns], weights[:, :ns])
+            k, v = self._keys(bank.shared_rows, chapters[:, :ns], weights[:, :ns])
             out, lse = attend(q, k, v, torch.ones(k.shape[:2], dtype=torch.bool, device=q.device))
             parts.append((torch.arange(q.shape[0], device=q.device), out, lse))
         parts.append(self._routed_part(q, bank, chapters[:, ns:], weights[:, ns:], active))
@@ -85,7 +85,7 @@ class ChapterParallelRead:
         w_in = AllToAll.apply(w_out, recv, send, self.group)
         valid = ids_in >= 0
         local = torch.where(valid, ids_in - bank.first_routed, 0)             # padding reads row 0, masked
-        k, v = self._keys(bank.routed, local, w_in)
+        k, v = self._keys(bank.routed_rows, local, w_in, valid)
         out, lse = attend(q_in, k, v, valid.repeat_interleave(bank.routed.shape[1], dim=1))
         out_back = AllToAll.apply(out, send, recv, self.group)
         lse_back = AllToAll.apply(lse, send, recv, self.group)
@@ -100,12 +100,19 @@ class ChapterParallelRead:
         dest, unit_idx = torch.nonzero(has.T, as_tuple=True)                 # sorted by dest, then unit
         return unit_idx, dest
 
-    def _keys(self, table, rows, w):
-        """Weighted K/V for rows (p, n) of a local chapter table: (p, n*t, kv, e) each."""
-        p, n, t = rows.shape[0], rows.shape[1], table.shape[1]
+    def _keys(self, lookup, rows, w, valid=None):
+        """Weighted K/V for rows (p, n) of a local chapter table, read through a MemoryBank row reader
+        (shared_rows / routed_rows); valid (p, n) marks real slots: (p, n*t, kv, e) each."""
+        p, n = rows.shape
         unique, inverse = unique_chapters(rows)
-        k_u, v_u = self.read.project_rows(table.index_select(0, unique))
-        w = w.to(k_u.dtype)
+        if valid is None:
+            x = lookup(unique)
+        else:  # rows that only padding slots read stay out of a sparse bank gradient
+            used = torch.zeros(unique.shape[0], dtype=torch.bool, device=rows.device)
+            used[inverse[valid]] = True
+            x = lookup(unique, used)
+        k_u, v_u = self.read.project_rows(x)
+        w, t = w.to(k_u.dtype), x.shape[1]
         k = chapter_gather(k_u, inverse, w).view(p, n * t, self.read.kv_local, self.read.e)
         v = chapter_gather(v_u, inverse, w).view(p, n * t, self.read.kv_local, self.read.e)
         return k, v

@@ -170,7 +170,8 @@ class SeededBank(MemoryBank):
 
     def __init__(self, cfg: Config, ctx: ParallelContext, j: int):
         with seeded(cfg.training.seed, f"banks.{j}"):
-            super().__init__(cfg, cfg.memory.bank_init_std, ctx.ep_size, ctx.ep_rank)
+            super().__init__(cfg, cfg.memory.bank_init_std, ctx.ep_size, ctx.ep_rank,
+                             sparse_grad=cfg.training.memory_bank_optimizer == "sparse_adam")
 
 
 def tied_logits(h: torch.Tensor, embedding_weight: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

@@ -27,29 +27,78 @@ class MemoryBank(nn.Module):
     ``shared`` (n_shared, t, d) lives on every rank; ``routed`` holds this chapter-parallel rank's
     contiguous slice of the routed chapters, global ids first_routed .. first_routed + len - 1.
     The full bank is drawn from the seed and then sliced, so values do not depend on the layout.
+
+    sparse_grad=True (``--memory-bank-optimizer sparse_adam``): reading rows gives the bank parameters
+    a coalesced torch.sparse_coo gradient holding only the rows some unit read, never a dense (c, t, d)
+    one; gradients of several reads (memory layers, micro-batches) add up as sparse tensors.
+    Default: dense gradients, as DeepSpeed's ZeRO expects.
     """
 
-    def __init__(self, cfg: Config, std: float, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, cfg: Config, std: float, ep_size: int = 1, ep_rank: int = 0, sparse_grad: bool = False):
         super().__init__()
         mem = cfg.memory
         full = torch.empty(mem.chapters, cfg.chapter_tokens, cfg.model.hidden_size)
         nn.init.normal_(full, mean=0.0, std=std)
         per_rank = cfg.routed_chapters // ep_size
-        self.n_shared = mem.shared_chapters
+        self.n_shared, self.sparse_grad = mem.shared_chapters, sparse_grad
         self.first_routed = mem.shared_chapters + ep_rank * per_rank
         self.shared = nn.Parameter(full[: mem.shared_chapters].clone()) if mem.shared_chapters else None
         self.routed = nn.Parameter(full[self.first_routed : self.first_routed + per_rank].clone())
         for p in self.parameters():
             p.moc_group = "bank"
+            if sparse_grad:  # adding two sparse gradients concatenates their rows: merge them
+                p.register_post_accumulate_grad_hook(_coalesce_grad)
         if ep_size > 1:  # DeepSpeed's tags for expert parameters: reduce over expert-data-parallel ranks
             self.routed.allreduce = False
             self.routed.group_name = f"ep_size_{ep_size}"
 
-    def rows(self, unique: torch.Tensor) -> torch.Tensor:
+    def rows(self, unique: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
         """Chapters by sorted unique global id (u,) -> (u, t, d). Every shared chapter is in ``unique``
-        (all units read them) and sorts first; the rest must be this rank's routed chapters."""
-        routed = self.routed.index_select(0, unique[self.n_shared :] - self.first_routed)
-        return routed if self.shared is None else torch.cat([self.shared, routed])
+        (all units read them) and sorts first; the rest must be this rank's routed chapters.
+        ``used`` (u,) bool: see routed_rows."""
+        ns = self.n_shared
+        routed = self.routed_rows(unique[ns:] - self.first_routed, None if used is None else used[ns:])
+        return routed if self.shared is None else torch.cat([self.shared_rows(unique[:ns]), routed])
+
+    def shared_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Shared chapters by sorted unique id (u,) -> (u, t, d)."""
+        return self._read(self.shared, ids, None)
+
+    def routed_rows(self, local: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's routed chapters by sorted unique local id (u,) -> (u, t, d). ``used`` (u,) bool
+        marks the rows some unit really reads; the others (padding slots, units that route to nothing)
+        are masked by the caller, have zero gradient and stay out of a sparse gradient."""
+        return self._read(self.routed, local, used)
+
+    def _read(self, table: torch.Tensor, ids: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+        if self.sparse_grad and torch.is_grad_enabled() and table.requires_grad:
+            return SparseRows.apply(table, ids, used)
+        return table.index_select(0, ids)
+
+
+class SparseRows(torch.autograd.Function):
+    """table[ids] whose table gradient is sparse: indices ids (those ``used``), values their gradients."""
+
+    @staticmethod
+    def forward(ctx, table, ids, used):
+        # table (c, t, d), ids (u,) sorted unique, used (u,) bool or None -> (u, t, d)
+        ctx.table_shape = table.shape
+        ctx.save_for_backward(ids, used)
+        return table.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, used = ctx.saved_tensors
+        if used is not None:
+            ids, grad = ids[used], grad[used]
+        # ids are sorted and unique, so the tensor is coalesced as built: no sort, no copy of the values
+        sparse = torch.sparse_coo_tensor(ids[None], grad, ctx.table_shape, is_coalesced=True, check_invariants=False)
+        return sparse, None, None
+
+
+def _coalesce_grad(p: torch.Tensor) -> None:
+    if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+        p.grad = p.grad.coalesce()
 
 
 @dataclass
@@ -209,11 +258,21 @@ class MemoryRead(nn.Module):
         self.n_shared = mem.shared_chapters
         self.chapter_parallel = ChapterParallelRead(self, ctx.ep_group, ctx.ep_size) if ctx.ep_size > 1 else None
 
-    def project_chapters(self, bank: MemoryBank, chapters: torch.Tensor):
+    def project_chapters(self, bank: MemoryBank, chapters: torch.Tensor, active: torch.Tensor | None = None):
         """K, V of the unique chapters: (u, t, kv*e) each, and the inverse map (b, g, n) -> u."""
         unique, inverse = unique_chapters(chapters.reshape(-1, chapters.shape[-1]))
-        k, v = self.project_rows(bank.rows(unique))
+        k, v = self.project_rows(bank.rows(unique, self._used_rows(unique, inverse, active)))
         return k, v, inverse
+
+    def _used_rows(self, unique, inverse, active):
+        """(u,) bool: chapters some unit really reads. Units that route to nothing still carry (masked)
+        routed ids; those rows stay out of a sparse bank gradient, as in the chapter-parallel read."""
+        if active is None or bool(active.all()):
+            return None
+        used = torch.zeros(unique.shape[0], dtype=torch.bool, device=unique.device)
+        used[inverse[:, : self.n_shared]] = True
+        used[inverse[active.reshape(-1), self.n_shared :]] = True
+        return used
 
     def project_rows(self, x: torch.Tensor):
         """Bank rows (u, t, d) -> K, V (u, t, kv*e): normalised (no gain), then projected."""
@@ -232,7 +291,7 @@ class MemoryRead(nn.Module):
                                         routing.active.reshape(-1))
             return linear(self.o_proj, out.reshape(b, s, self.h_local * self.e))
         t = bank.routed.shape[1]
-        k_u, v_u, inverse = self.project_chapters(bank, routing.chapters)
+        k_u, v_u, inverse = self.project_chapters(bank, routing.chapters, routing.active)
         w = w.to(k_u.dtype)  # under autocast K/V may be bf16 while the router works in fp32
         k = chapter_gather(k_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
         v = chapter_gather(v_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
