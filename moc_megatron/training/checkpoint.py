@@ -47,7 +47,10 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
     client = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
     engine.save_checkpoint(root, tag=tmp, client_state=client, save_latest=False)
     torch.save(rng_state(), os.path.join(root, tmp, f"rng_rank{_rank():05d}.pt"))
-    save_bank_shards(engine.module, ctx, os.path.join(root, tmp))
+    save_bank_shards(getattr(engine, "module", None), ctx, os.path.join(root, tmp))
+    bank_optimizer = getattr(engine, "moc_bank_optimizer", None)
+    if bank_optimizer is not None:
+        torch.save(bank_optimizer.state_dict(), os.path.join(root, tmp, f"bank_optim_rank{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
         _write_meta(os.path.join(root, tmp), cfg, ctx, iteration)
@@ -59,6 +62,8 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
 
 def save_bank_shards(module, ctx, path: str) -> None:
     """Banks by global chapter id (bank_io): DeepSpeed keeps only one chapter-parallel rank's shard."""
+    if module is None:
+        return
     banks = {j: b for j, b in local_banks(module).items() if writes_bank(module, ctx, j)}
     if banks:
         save_banks(banks, path, write_shared=ctx.ep_rank == 0)

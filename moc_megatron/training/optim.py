@@ -43,6 +43,8 @@ def optimizer_groups(model: nn.Module, cfg: Config, ep_size: int = 1) -> list[di
             for _, p in named:
                 p.requires_grad_(False)
             continue
+        if group == "bank" and cfg.training.memory_bank_optimizer == "sparse_adam":
+            continue  # training/bank_optim.py updates it row-sparsely
         for decay in (True, False):
             params = [p for n, p in named if no_weight_decay(n, p) != decay]
             if params:

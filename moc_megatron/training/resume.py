@@ -46,6 +46,13 @@ def load(engine, scheduler, cfg: Config, ctx) -> tuple[int, int]:
     if client is None:
         raise UserError(f"--load {path}: DeepSpeed could not read the checkpoint")
     _load_bank_shards(engine, cfg, path)
+    bank_optimizer = getattr(engine, "moc_bank_optimizer", None)
+    if bank_optimizer is not None:
+        f = os.path.join(path, f"bank_optim_rank{torch.distributed.get_rank():05d}.pt")
+        if not os.path.exists(f):
+            raise UserError(f"--load {path}: no {os.path.basename(f)}; it was not saved with --memory-bank-optimizer "
+                            "sparse_adam (use --finetune to start from its weights)")
+        bank_optimizer.load_state_dict(torch.load(f, weights_only=False))
     apply_group_settings(engine.optimizer, cfg)  # this run's learning rates, not the checkpoint's
     scheduler.load_state_dict(client["scheduler"])
     rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank():05d}.pt")

@@ -21,6 +21,7 @@ from moc_megatron.model.pipeline import MoCPipeline
 from moc_megatron.parallel.deepspeed_moe import mark_chapter_parallel
 from moc_megatron.parallel.state import ParallelContext, init_distributed, initialize
 from moc_megatron.training import checkpoint
+from moc_megatron.training.bank_optim import BankOptimizer
 from moc_megatron.training.data import build_datasets, micro_batches, step_indices
 from moc_megatron.training.engine import accumulation_steps, adopt_deepspeed_json, build_engine, prepare_deepspeed
 from moc_megatron.training.metrics import Reporter, Throughput, print0, router_summary, step_record, warn0
@@ -48,6 +49,7 @@ class Run:
     throughput: Throughput | None = None
     saved_at: int = -1
     comm_bytes: tuple = (0, 0)          # chapter all-to-all bytes (sent, received) of the last step
+    bank_optimizer: object = None       # --memory-bank-optimizer sparse_adam
 
 
 def train(cfg: Config) -> Run:
@@ -71,10 +73,12 @@ def build(cfg: Config) -> Run:
     seed_everything(cfg.training.seed)
     model = build_model(cfg, ctx)
     engine, optimizer, scheduler = build_engine(model, cfg, ctx, ds)
+    bank_optimizer = BankOptimizer(model, cfg, ctx) if cfg.training.memory_bank_optimizer == "sparse_adam" else None
+    engine.moc_bank_optimizer = bank_optimizer  # checkpoint.save / resume.load find it here
     train_data, valid_data = build_datasets(cfg)
     if cfg.training.eval_interval and valid_data is None:
         warn0(f"--split {cfg.training.split} leaves no validation data: no evaluation")
-    run = Run(cfg, ctx, engine, optimizer, scheduler, train_data, valid_data)
+    run = Run(cfg, ctx, engine, optimizer, scheduler, train_data, valid_data, bank_optimizer=bank_optimizer)
     if cfg.training.load:
         run.iteration, run.consumed = load(engine, scheduler, cfg, ctx)
         run.start_iteration = run.saved_at = run.iteration
@@ -88,15 +92,27 @@ def build_model(cfg: Config, ctx: ParallelContext):
     """MoCModel, or this rank's pipeline stage; chapter shards marked as DeepSpeed expert parameters
     (a frozen bank has no gradient to reduce, and ZeRO refuses expert marks without expert groups)."""
     model = MoCPipeline(cfg, ctx) if ctx.pp_size > 1 else MoCModel(cfg, ctx)
-    if not cfg.training.freeze_memory_bank:
+    if bank_in_deepspeed(cfg):
         mark_chapter_parallel(model, ctx)
     return model
 
 
+def bank_in_deepspeed(cfg: Config) -> bool:
+    """Whether DeepSpeed's optimizer trains the bank (not when frozen or row-sparse)."""
+    return cfg.has_memory and not cfg.training.freeze_memory_bank and cfg.training.memory_bank_optimizer == "adamw"
+
+
 def check_supported(cfg: Config) -> None:
     t = cfg.training
-    if t.memory_bank_optimizer != "adamw":
-        raise UserError(f"--memory-bank-optimizer {t.memory_bank_optimizer}: not implemented yet; use adamw")
+    if t.memory_bank_optimizer == "sparse_adam":
+        if cfg.parallel.pipeline_model_parallel_size > 1:
+            raise UserError("--memory-bank-optimizer sparse_adam: not with --pipeline-model-parallel-size > 1 "
+                            "(DeepSpeed's tied-weight reduction needs dense gradients)")
+        if t.zero_stage == 0:
+            raise UserError("--memory-bank-optimizer sparse_adam needs --zero-stage 1 or 2 (ZeRO leaves the "
+                            "bank's sparse gradients to the bank optimizer)")
+        if t.freeze_memory_bank or not cfg.has_memory:
+            raise UserError("--memory-bank-optimizer sparse_adam: the model has no trainable bank")
     if t.finetune and not t.load:
         raise UserError("--finetune needs --load (the pretrained checkpoint)")
 
@@ -134,6 +150,8 @@ def one_step(run: Run) -> StepResult:
         res = train_step(run.engine, run.optimizer, run.scheduler, batches, run.iteration + 1, cfg, ctx)
     run.iteration = res.iteration
     run.comm_bytes = take_comm_bytes(run.engine.module)
+    if run.bank_optimizer is not None:
+        run.bank_optimizer.step(res.lrs["backbone"], res.skipped)
     run.consumed += cfg.training.global_batch_size
     run.skipped_steps += res.skipped
     run.history.append(res)
