@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SCALE = {  # stage sizes: full demo (< 15 min on 2 CPU cores) and the test's --quick
-    "full": {"iters": 300, "ift_iters": 40, "eval_interval": 50, "seq": 128, "docs": 0},
+    "full": {"iters": 250, "ift_iters": 40, "eval_interval": 50, "seq": 128, "docs": 0},
     "quick": {"iters": 6, "ift_iters": 2, "eval_interval": 3, "seq": 64, "docs": 400},
 }
 
