@@ -58,11 +58,13 @@ def init_distributed(backend: Optional[str] = None) -> None:
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend)
+    if "RANK" in os.environ:  # started by torchrun / the deepspeed launcher
+        dist.init_process_group(backend)
+        return
+    # A plain process: a world of one on a fresh local port. Nothing goes into os.environ, so the
+    # processes it starts (tools, launchers) do not inherit a rank or a port that is taken.
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's pipeline module reads it
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def cpu_deepspeed() -> None:
