@@ -71,14 +71,26 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 300.0, env
 
 def _wait(procs, outdir, deadline, timeout):
     while True:
-        for rank, p in enumerate(procs):
-            if p.exitcode not in (None, 0):
-                err = os.path.join(outdir, f"rank{rank}.err")
-                detail = open(err).read() if os.path.exists(err) else f"exit code {p.exitcode}, no traceback"
-                raise RankFailed(f"rank {rank} of {len(procs)} failed:\n{detail}")
+        failed = [rank for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if failed:
+            time.sleep(0.5)  # let the other ranks' tracebacks land, then report the first one written:
+            rank = _first_failure(failed, len(procs), outdir)  # a peer's broken collective is a consequence
+            err = os.path.join(outdir, f"rank{rank}.err")
+            detail = open(err).read() if os.path.exists(err) else f"exit code {procs[rank].exitcode}, no traceback"
+            raise RankFailed(f"rank {rank} of {len(procs)} failed:\n{detail}")
         if all(p.exitcode == 0 for p in procs):
             return
         if time.monotonic() > deadline:
             alive = [r for r, p in enumerate(procs) if p.is_alive()]
             raise TimeoutError(f"ranks {alive} still running after {timeout:.0f}s; killed")
         time.sleep(0.05)
+
+
+def _first_failure(failed: list[int], world_size: int, outdir: str) -> int:
+    """The failed rank whose traceback was written first (ranks without one come last)."""
+    def written(rank):
+        err = os.path.join(outdir, f"rank{rank}.err")
+        return os.path.getmtime(err) if os.path.exists(err) else float("inf")
+
+    candidates = [r for r in range(world_size) if os.path.exists(os.path.join(outdir, f"rank{r}.err"))]
+    return min(candidates or failed, key=lambda r: (written(r), r))
