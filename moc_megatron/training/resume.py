@@ -36,11 +36,21 @@ def load(engine, scheduler, cfg: Config, ctx) -> tuple[int, int]:
     t = cfg.training
     tag = latest_tag(t.load)
     path = os.path.join(t.load, tag)
-    check_compatible(read_meta(path), cfg, ctx, path)
+    meta = read_meta(path)
+    if "origin" in meta and not t.finetune:
+        raise UserError(f"--load {path}: converted from {meta['origin']}, not saved by a training run: there is "
+                        "no training state to resume; start from its weights with --finetune")
+    check_compatible(meta, cfg, ctx, path)
     if t.finetune:
         engine.load_checkpoint(t.load, tag, load_module_only=True, load_optimizer_states=False,
                                load_lr_scheduler_states=False)
         _load_bank_shards(engine, cfg, path)
+        # DeepSpeed copied the module into its fp32 master weights at load, before the bank shards
+        # replaced the chapters of other chapter-parallel ranks: copy again, or the first step
+        # writes chapter-parallel rank 0's chapters back over every other rank's.
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
         return 0, 0
     _, client = engine.load_checkpoint(t.load, tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if client is None:
