@@ -20,6 +20,7 @@ def training_model(cfg_dict: dict, state: dict):
     cfg = from_dict({k: dict(v) for k, v in cfg_dict.items()})
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
     cfg.parallel.expert_model_parallel_size = 1
+    cfg.model.vocab_size = state["embed_tokens.weight"].shape[0]  # the rows padded for the checkpoint's TP size
     model = MoCModel(cfg.resolve(), single_process())
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
