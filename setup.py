@@ -74,6 +74,7 @@ setup(
         "moc-train = moc_megatron.train:main",
         "moc-preprocess = moc_megatron.data.preprocess:main",
         "moc-convert-hf = moc_megatron.training.export:main",
+        "moc-convert-from-hf = moc_megatron.training.import_hf:main",
     ]},
     zip_safe=False,
 )

@@ -412,11 +412,13 @@ def _base_type(hint: Any) -> type:
     return get_origin(hint) or hint
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """YAML files in order, then the flags that were given; resolved but not yet validated."""
+def config_from_args(args: argparse.Namespace, between: dict | None = None) -> Config:
+    """YAML files in order, then ``between`` (sections of settings from elsewhere, e.g. a Hugging Face
+    model's config), then the flags that were given; resolved but not yet validated."""
     merged: dict = {}
     for path in getattr(args, "config", []) or []:
         _merge(merged, load_yaml(path))
+    _merge(merged, between or {})
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)

@@ -298,3 +298,71 @@ def _replace_dir(new: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: an exported MoC model, or a Llama model, read as training config and weights
+
+
+def config_from_hf(config: dict, source: str = "config.json") -> dict:
+    """The model and memory sections of a training config for a Hugging Face config.json (as a dict):
+    the inverse of ``hf_config``. Llama features the training model does not have are refused."""
+    kind = config.get("model_type")
+    if kind not in ("moc", "llama"):
+        raise ValueError(f"{source}: model_type {kind!r} is not 'moc' or 'llama'")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    unsupported = {
+        "rope scaling": rope.get("rope_type", rope.get("type", "default")) not in ("default", None),
+        "attention_bias": config.get("attention_bias", False),
+        "mlp_bias": config.get("mlp_bias", False),
+        f"hidden_act {config.get('hidden_act')!r} (SwiGLU needs 'silu')": config.get("hidden_act", "silu") != "silu",
+        "head_dim other than hidden_size / num_attention_heads":
+            config.get("head_dim") not in (None, config["hidden_size"] // config["num_attention_heads"]),
+    }
+    bad = [what for what, present in unsupported.items() if present]
+    if bad:
+        raise ValueError(f"{source}: the training model has no {', '.join(bad)}")
+    model = {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+             "num_attention_heads": config["num_attention_heads"],
+             "num_query_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
+             "ffn_hidden_size": config["intermediate_size"], "vocab_size": config["vocab_size"],
+             "rotary_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+             "norm_epsilon": config["rms_norm_eps"], "init_method_std": config.get("initializer_range", 0.02)}
+    if kind == "llama":
+        return {"model": model, "memory": {"layers": []}}
+    memory = {k[len("memory_"):]: v for k, v in config.items() if k.startswith("memory_")}
+    memory["tokens"] = memory.pop("chapter_tokens") * memory["chapters"]
+    return {"model": model, "memory": memory}
+
+
+class HFWeights:
+    """The safetensors weights of a Hugging Face directory (one file or sharded with an index), read
+    lazily: ``slice(name, dim, start, stop)`` reads only the rows (or columns) a rank holds."""
+
+    def __init__(self, model_dir: str | Path):
+        from safetensors import safe_open
+
+        self.dir = Path(model_dir)
+        index, single = self.dir / "model.safetensors.index.json", self.dir / "model.safetensors"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif single.exists():
+            files = [single.name]
+        else:
+            raise ValueError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
+                             "(convert .bin weights with save_pretrained(safe_serialization=True) first)")
+        self._files = {name: safe_open(str(self.dir / name), framework="pt") for name in files}
+        self.where = {key: f for name, f in self._files.items() for key in f.keys()}
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+    def slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        s = self.where[name].get_slice(name)
+        return s[start:stop] if dim == 0 else s[(slice(None),) * dim + (slice(start, stop),)]

@@ -167,6 +167,18 @@ def spec_layout(cfg: Config) -> list[str]:
     return names + ["norm", "head"]
 
 
+def single_process_name(name: str, cfg: Config) -> str:
+    """A pipeline stage's parameter name -> the same parameter's name in MoCModel:
+    "5.mlp.up_proj.weight" -> "layers.3.mlp.up_proj.weight" (layer specs are numbered by spec_layout),
+    "tied_modules.embed.embed_tokens.weight" -> "embed_tokens.weight", "tied_modules.bank0.routed" ->
+    "banks.0.routed"."""
+    head, rest = name.split(".", 1)
+    if head == "tied_modules":
+        key, rest = rest.split(".", 1)
+        return rest if key == "embed" else f"banks.{key[len('bank'):]}.{rest}"
+    return f"{spec_layout(cfg)[int(head)]}.{rest}"
+
+
 def pipeline_loss(logits, labels):
     labels, loss_mask = labels
     return lm_loss(logits, labels, loss_mask)

@@ -64,7 +64,7 @@ def init_distributed(backend: Optional[str] = None) -> None:
     # A plain process: a world of one on a fresh local port. Nothing goes into os.environ, so the
     # processes it starts (tools, launchers) do not inherit a rank or a port that is taken.
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's pipeline module reads it
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def cpu_deepspeed() -> None:
@@ -135,7 +135,7 @@ def single_process() -> ParallelContext:
     return initialize(ParallelConfig())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -36,8 +36,9 @@ def tag_of(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: int) -> str:
-    """Write DIR/iter_N atomically and point ``latest`` at it. Every rank must call this."""
+def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: int, origin: str | None = None) -> str:
+    """Write DIR/iter_N atomically and point ``latest`` at it. Every rank must call this.
+    ``origin`` (recorded in moc_checkpoint.json) names where weights came from when not from training."""
     root, tag = cfg.training.save, tag_of(iteration)
     tmp = f"{tag}.tmp"
     if _rank() == 0:
@@ -53,7 +54,7 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
         torch.save(bank_optimizer.state_dict(), os.path.join(root, tmp, f"bank_optim_rank{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
-        _write_meta(os.path.join(root, tmp), cfg, ctx, iteration)
+        _write_meta(os.path.join(root, tmp), cfg, ctx, iteration, origin)
         _publish(root, tmp, tag)
         prune(root, cfg.training.keep_last)
     _barrier()
@@ -74,10 +75,10 @@ def _publish(root: str, tmp: str, tag: str) -> None:
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(os.path.join(root, tmp), final)
-    _atomic_write(os.path.join(root, "latest"), tag)
+    atomic_write(os.path.join(root, "latest"), tag)
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
         f.flush()
@@ -85,10 +86,12 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _write_meta(path: str, cfg: Config, ctx, iteration: int) -> None:
+def _write_meta(path: str, cfg: Config, ctx, iteration: int, origin: str | None = None) -> None:
     meta = {"iteration": iteration, "config": cfg.to_dict(),
             "layout": {"dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "pp_size": ctx.pp_size,
                        "ep_size": ctx.ep_size, "zero_stage": cfg.training.zero_stage}}
+    if origin is not None:
+        meta["origin"] = origin
     with open(os.path.join(path, META), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(path, "config.yaml"), "w") as f:

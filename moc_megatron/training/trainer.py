@@ -62,19 +62,9 @@ def train(cfg: Config) -> Run:
 
 
 def build(cfg: Config) -> Run:
-    prepare_deepspeed()
-    if torch.cuda.is_available():  # before NCCL starts: one GPU per local rank
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    init_distributed()
-    ds = adopt_deepspeed_json(cfg, dist.get_world_size())
-    cfg.validate(dist.get_world_size())
-    check_supported(cfg)
-    ctx = initialize(cfg.parallel)
-    seed_everything(cfg.training.seed)
+    ctx, ds = setup(cfg)
     model = build_model(cfg, ctx)
-    engine, optimizer, scheduler = build_engine(model, cfg, ctx, ds)
-    bank_optimizer = BankOptimizer(model, cfg, ctx) if cfg.training.memory_bank_optimizer == "sparse_adam" else None
-    engine.moc_bank_optimizer = bank_optimizer  # checkpoint.save / resume.load find it here
+    engine, optimizer, scheduler, bank_optimizer = wrap(model, cfg, ctx, ds)
     train_data, valid_data = build_datasets(cfg)
     if cfg.training.eval_interval and valid_data is None:
         warn0(f"--split {cfg.training.split} leaves no validation data: no evaluation")
@@ -86,6 +76,29 @@ def build(cfg: Config) -> Run:
     run.throughput = Throughput(cfg, dist.get_world_size(), run.iteration)
     describe(run, model)
     return run
+
+
+def setup(cfg: Config) -> tuple[ParallelContext, dict]:
+    """Join the world, settle and validate the config for it, build the parallel groups, seed.
+    Returns the parallel context and the DeepSpeed JSON config."""
+    prepare_deepspeed()
+    if torch.cuda.is_available():  # before NCCL starts: one GPU per local rank
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed()
+    ds = adopt_deepspeed_json(cfg, dist.get_world_size())
+    cfg.validate(dist.get_world_size())
+    check_supported(cfg)
+    ctx = initialize(cfg.parallel)
+    seed_everything(cfg.training.seed)
+    return ctx, ds
+
+
+def wrap(model, cfg: Config, ctx: ParallelContext, ds: dict):
+    """(engine, optimizer, scheduler, bank optimizer or None) around the built model."""
+    engine, optimizer, scheduler = build_engine(model, cfg, ctx, ds)
+    bank_optimizer = BankOptimizer(model, cfg, ctx) if cfg.training.memory_bank_optimizer == "sparse_adam" else None
+    engine.moc_bank_optimizer = bank_optimizer  # checkpoint.save / resume.load find it here
+    return engine, optimizer, scheduler, bank_optimizer
 
 
 def build_model(cfg: Config, ctx: ParallelContext):
