@@ -61,3 +61,24 @@ def test_sequence_routing_leaks_the_future(ctx, repo_root):
     model = build(ctx, repo_root, "moc-tiny", routing_unit="sequence")
     tokens = torch.randint(0, 512, (2, 64))
     assert leak_at(model, tokens, 15) > 1e-4
+
+
+def test_leak_benchmark_causal_evaluation_routes_position_t_on_tokens_up_to_t(ctx, repo_root):
+    """benchmarks/routing_leak.py's causal loss: one prefix copy per position with a validity mask must
+    equal running the model on each prefix alone and scoring its last position; for a causal model it
+    equals the ordinary loss, for sequence routing it does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("routing_leak", f"{repo_root}/benchmarks/routing_leak.py")
+    leak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(leak)
+    tokens, labels = torch.randint(0, 512, (1, 40)), torch.randint(0, 512, (1, 40))
+    for routing, causal in (("sequence", False), ("chunk", True)):
+        model = build(ctx, repo_root, "moc-tiny", routing_unit=routing, routing_chunk=16)
+        with torch.no_grad():
+            got = leak.causal_loss(model, tokens, labels)
+            last = torch.stack([model(tokens[:, : t + 1]).logits[0, t] for t in range(40)])
+            want = torch.nn.functional.cross_entropy(last, labels[0]).item()
+            trained = model(tokens, labels).lm_loss.item()
+        assert abs(got - want) < 1e-5, routing
+        assert (abs(got - trained) < 1e-5) == causal, (routing, got, trained)

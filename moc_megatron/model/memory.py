@@ -130,11 +130,12 @@ def pool_units(h: torch.Tensor, valid: torch.Tensor | None, cfg: Config) -> tupl
         r = (states * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
         return r[:, None], torch.ones(b, 1, dtype=torch.bool, device=h.device)
     c = cfg.memory.routing_chunk
-    sums = (states * mask[..., None]).cumsum(1)[:, c - 1 :: c][:, :-1]  # (b, g-1, d): prefix before chunk j>0
-    counts = mask.cumsum(1)[:, c - 1 :: c][:, :-1]
+    g = -(-s // c)  # chunks; the last may be shorter than c
+    sums = (states * mask[..., None]).cumsum(1)[:, c - 1 :: c][:, : g - 1]  # (b, g-1, d): prefix before chunk j>0
+    counts = mask.cumsum(1)[:, c - 1 :: c][:, : g - 1]
     prefix = sums / counts.clamp(min=1)[..., None]
     first = states[:, :1]  # chunk 0 routes on its first token
-    active = torch.ones(b, s // c, dtype=torch.bool, device=h.device)
+    active = torch.ones(b, g, dtype=torch.bool, device=h.device)
     if cfg.memory.first_chunk == "shared_only":
         active[:, 0] = False
     return torch.cat([first, prefix], dim=1), active
@@ -256,6 +257,7 @@ class MemoryRead(nn.Module):
         self.v_proj = column_linear(ctx, d, mem.num_kv_heads * self.e, normal_init(std))
         self.o_proj = row_linear(ctx, mem.num_heads * self.e, d, nn.init.zeros_)  # branch starts as identity
         self.n_shared = mem.shared_chapters
+        self.chunk = mem.routing_chunk if mem.routing_unit == "chunk" else None
         self.chapter_parallel = ChapterParallelRead(self, ctx.ep_group, ctx.ep_size) if ctx.ep_size > 1 else None
 
     def project_chapters(self, bank: MemoryBank, chapters: torch.Tensor, active: torch.Tensor | None = None):
@@ -284,12 +286,16 @@ class MemoryRead(nn.Module):
         # x: (b, s, d) = RMSNorm_m(h)
         b, s, _ = x.shape
         units, n = routing.chapters.shape[1], routing.chapters.shape[2]
-        q = linear(self.q_proj, x).view(b * units, s // units, self.h_local, self.e)
+        span = self.chunk or s                                      # positions per routing unit
+        q = linear(self.q_proj, x)
+        if units * span > s:  # a shorter last chunk: padded queries, their outputs dropped below
+            q = F.pad(q, (0, 0, 0, units * span - s))
+        q = q.view(b * units, span, self.h_local, self.e)
         w = copy_to_tensor_model_parallel_region(routing.weights.reshape(b * units, n), group=self.ctx.tp_group)
         if self.chapter_parallel is not None:
             out = self.chapter_parallel(q, bank, routing.chapters.reshape(b * units, n), w,
                                         routing.active.reshape(-1))
-            return linear(self.o_proj, out.reshape(b, s, self.h_local * self.e))
+            return linear(self.o_proj, out.reshape(b, units * span, self.h_local * self.e)[:, :s])
         t = bank.routed.shape[1]
         k_u, v_u, inverse = self.project_chapters(bank, routing.chapters, routing.active)
         w = w.to(k_u.dtype)  # under autocast K/V may be bf16 while the router works in fp32
@@ -297,7 +303,7 @@ class MemoryRead(nn.Module):
         v = chapter_gather(v_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=self._key_mask(routing, t), enable_gqa=True)
-        return linear(self.o_proj, out.transpose(1, 2).reshape(b, s, self.h_local * self.e))
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, units * span, self.h_local * self.e)[:, :s])
 
     def _key_mask(self, routing: Routing, t: int) -> torch.Tensor | None:
         """Units that route to nothing read only their shared chapters' keys."""
