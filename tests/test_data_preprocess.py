@@ -200,6 +200,8 @@ def test_interrupted_run_leaves_nothing_that_looks_valid(tmp_path, model, small_
     payload = "".join(json.dumps({"text": t}) + "\n" for t in texts(8, 300)).encode()
     assert len(payload) > 2 * pp.BLOCK_BYTES
     main_thread, seen_tmp = threading.get_ident(), []
+    # a shell starting pytest in the background (`make test &`) leaves SIGINT ignored; Ctrl-C is the case here
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def feed():
         with open(fifo, "wb") as f:
@@ -223,6 +225,7 @@ def test_interrupted_run_leaves_nothing_that_looks_valid(tmp_path, model, small_
             assert pp.main(["--input", str(fifo), "--output-prefix", str(tmp_path / "o"), *sp_args(model)]) == 130
     finally:
         feeder.join()
+        signal.signal(signal.SIGINT, previous_int)
     assert seen_tmp, "the run never wrote its temporary output"
     assert files_of(tmp_path) == ["in.jsonl"]
     assert not IndexedDataset.exists(str(tmp_path / "o_text_document"))
