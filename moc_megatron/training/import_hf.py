@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
           f" x EP {p.expert_model_parallel_size}")
     if padded > rows:
         print(f"note: the vocabulary was padded from {rows} to {padded} rows (zero) for TP {p.tensor_model_parallel_size}")
-    print(f"fine-tune with: moc-train --config RECIPE.yaml --config {save / MODEL_YAML} --load {save} --finetune ...")
+    spm = Path(args.hf_model) / "tokenizer.model"  # an export ships its sentencepiece model
+    tok = f" --tokenizer-type SentencePieceTokenizer --tokenizer-model {spm}" if spm.exists() else ""
+    print(f"fine-tune with: moc-train --config RECIPE.yaml --config {save / MODEL_YAML} --load {save} --finetune{tok} ...")
     return 0
 
 
