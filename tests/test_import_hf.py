@@ -110,6 +110,18 @@ def test_untied_llama_and_shape_flags_are_refused_before_anything_is_written(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_that_do_not_match_config_json_are_named(exported, tmp_path):
+    import shutil
+
+    hf_dir = tmp_path / "moc"
+    shutil.copytree(exported[0], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    res = run_tool(["--hf-model", str(hf_dir), "--save", str(tmp_path / "out")])
+    assert res.returncode == 2 and "the weight set in" in res.stderr and "layers.2." in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights at a layout
 

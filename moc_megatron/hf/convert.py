@@ -47,7 +47,7 @@ def is_vanilla(cfg_dict: dict) -> bool:
 def to_hf(state_dict: dict, cfg_dict: dict) -> dict:
     """Training names -> HF names; megatron ``_extra_state`` entries are dropped, the tied head is not written."""
     merged = _merge_banks({n: t for n, t in state_dict.items() if not n.endswith("_extra_state")})
-    _check_names(set(merged), cfg_dict, "training state dict")
+    check_names(set(merged), cfg_dict, "training state dict")
     _check_shapes(merged, cfg_dict)
     return {HF_PREFIX + name: t for name, t in merged.items()}
 
@@ -61,7 +61,7 @@ def from_hf(hf_state_dict: dict, cfg_dict: dict) -> dict:
         if not name.startswith(HF_PREFIX):
             raise ValueError(f"unexpected Hugging Face weight {name!r}: MoC/Llama names start with {HF_PREFIX!r}")
         out[name[len(HF_PREFIX):]] = t
-    _check_names(set(out), cfg_dict, "Hugging Face state dict")
+    check_names(set(out), cfg_dict, "Hugging Face state dict")
     return _split_banks(out, cfg_dict.get("memory", {}).get("shared_chapters", 0))
 
 
@@ -108,7 +108,7 @@ def training_names(cfg_dict: dict) -> set[str]:
     return names | {f"banks.{j}.weight" for j in range(n_banks)}
 
 
-def _check_names(got: set, cfg_dict: dict, what: str) -> None:
+def check_names(got: set, cfg_dict: dict, what: str) -> None:
     want = training_names(cfg_dict)
     missing, extra = sorted(want - got), sorted(got - want)
     if missing or extra:

@@ -86,8 +86,13 @@ def _stage_files(path: str, cfg: dict, tp_rank: int, pp: int) -> dict:
 def _merge_tp(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0]
-    dim = next((d for suffix, d in TP_DIM.items() if key.endswith(suffix)), None)
+    dim = tp_dim(key)
     return parts[0] if dim is None else torch.cat(parts, dim=dim)
+
+
+def tp_dim(key: str) -> int | None:
+    """The dimension a tensor-parallel weight is split on; None for weights every TP rank holds whole."""
+    return next((d for suffix, d in TP_DIM.items() if key.endswith(suffix)), None)
 
 
 def _load(f: str):

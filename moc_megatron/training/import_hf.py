@@ -31,12 +31,13 @@ import yaml
 
 from moc_megatron.config import Config, add_config_args, config_from_args, flag_name, from_dict
 from moc_megatron.errors import UserError
-from moc_megatron.hf.convert import HF_PREFIX, TIED_HEAD, HFWeights, config_from_hf, training_names
+from moc_megatron.hf.convert import HF_PREFIX, TIED_HEAD, HFWeights, check_names, config_from_hf
 from moc_megatron.model.gpt import padded_vocab_size
 from moc_megatron.model.pipeline import single_process_name
 from moc_megatron.training import checkpoint
 from moc_megatron.training.bank_io import local_banks
 from moc_megatron.training.checkpoint import atomic_write
+from moc_megatron.training.export import tp_dim
 from moc_megatron.training.resume import WEIGHT_FIELDS
 
 MODEL_YAML = "model.yaml"
@@ -107,20 +108,18 @@ def load_hf_weights(model: torch.nn.Module, weights: HFWeights, cfg: Config, ctx
 
 
 def _part(weights: HFWeights, name: str, local: tuple, ctx) -> torch.Tensor:
-    """This TP rank's part of a weight: the whole tensor, or the slice on the one dimension that differs."""
-    if name not in weights.where:
-        raise UserError(f"{weights.dir}: no weight {name} (the model configuration needs it)")
+    """This TP rank's part of a weight: the whole tensor, or its slice on the dimension the export's
+    merge concatenates (export.tp_dim)."""
     full = weights.shape(name)
     if full == local:
         return weights.get(name)
     if name == HF_PREFIX + "embed_tokens.weight":
         return _vocab_rows(weights, name, local, ctx)
-    dims = [d for d in range(len(full)) if full[d] != local[d]] if len(full) == len(local) else []
-    if len(dims) != 1 or full[dims[0]] != local[dims[0]] * ctx.tp_size:
+    d = tp_dim(name)
+    if d is None or full != local[:d] + (local[d] * ctx.tp_size,) + local[d + 1:]:
         raise UserError(f"{weights.dir}: {name} has shape {full}; tensor-parallel rank {ctx.tp_rank} of "
                         f"{ctx.tp_size} holds {local}, which is no slice of it")
-    d, size = dims[0], local[dims[0]]
-    return weights.slice(name, d, ctx.tp_rank * size, (ctx.tp_rank + 1) * size)
+    return weights.slice(name, d, ctx.tp_rank * local[d], (ctx.tp_rank + 1) * local[d])
 
 
 def _vocab_rows(weights: HFWeights, name: str, local: tuple, ctx) -> torch.Tensor:
@@ -141,13 +140,10 @@ def check_tied_head(weights: HFWeights) -> None:
                         "models tie the output head to the embedding (SPEC 1), so this model cannot be imported")
 
 
-def check_names(weights: HFWeights, cfg: Config) -> None:
-    want = {HF_PREFIX + n for n in training_names(cfg.to_dict())}
-    got = weights.names() - {TIED_HEAD}
-    missing, extra = sorted(want - got), sorted(got - want)
-    if missing or extra:
-        raise UserError(f"{weights.dir}: weights do not match its config.json: missing {missing[:5]}, "
-                        f"unexpected {extra[:5]}")
+def check_weight_names(weights: HFWeights, cfg: Config) -> None:
+    """The weights are exactly the ones its config.json describes (ValueError naming the difference)."""
+    got = {n[len(HF_PREFIX):] if n.startswith(HF_PREFIX) else n for n in weights.names() - {TIED_HEAD}}
+    check_names(got, cfg.to_dict(), f"the weight set in {weights.dir}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if (save / "latest").exists():
             raise UserError(f"--save {save}: already holds a checkpoint; name a new directory")
         weights = HFWeights(args.hf_model)
-        check_names(weights, cfg)
+        check_weight_names(weights, cfg)
         check_tied_head(weights)
     except (UserError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
