@@ -11,7 +11,6 @@ names the ranks that were still running. A test never hangs CI.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -20,15 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moc_megatron.parallel.net import free_port
+
 
 class RankFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn, rank, world_size, port, outdir, args, env):

@@ -130,7 +130,9 @@ def vanilla_flags(scale: dict) -> list:
 
 
 def train_cmd(out: Path, name: str, tokenizer: Path, scale: dict, iters: int) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-port", _free_port(), "-m", "moc_megatron.train",
+    from moc_megatron.parallel.net import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-port", free_port(), "-m", "moc_megatron.train",
             "--config", "configs/train/moc-tiny.yaml", "--no-mock-data", "--tokenizer-type",
             "SentencePieceTokenizer", "--tokenizer-model", tokenizer, "--seq-length", scale["seq"],
             "--train-iters", iters, "--lr-warmup-iters", min(20, iters // 4), "--eval-interval",
@@ -202,14 +204,6 @@ def summary(out: Path, moc: Path, vanilla: Path, hf: Path, completion: str, seco
     print(f"  finished in {seconds / 60:.1f} min")
     (out / "summary.json").write_text(json.dumps({"moc_eval_lm_loss": m, "vanilla_eval_lm_loss": v,
                                                   "completion": completion, "hf": str(hf)}, indent=1))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from moc_megatron.config import ParallelConfig
+from moc_megatron.parallel.net import free_port
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,3 @@ def _context_from_megatron() -> ParallelContext:
 def single_process() -> ParallelContext:
     """A context of size one everywhere (tests, tools, the HF verifier)."""
     return initialize(ParallelConfig())
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

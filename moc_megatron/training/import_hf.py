@@ -199,7 +199,7 @@ def _spawn(cfg: Config, hf_dir: str, world: int) -> int:
 
     import torch.multiprocessing as mp
 
-    from moc_megatron.parallel.state import free_port
+    from moc_megatron.parallel.net import free_port
 
     port, threads = free_port(), max(1, (os.cpu_count() or 1) // world)
     procs = [mp.get_context("spawn").Process(target=_rank_main, args=(r, world, port, cfg.to_dict(), hf_dir, threads))
