@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -138,6 +139,18 @@ inline dim3 grid_for(int64_t rows, int64_t row_elems, int vec) {
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((row_elems + per_block - 1) / per_block));
 }
 
+// Calls f(std::integral_constant<int, V>{}) for the pack width V = vec, so one launch site
+// instantiates a kernel for every width pick_vec can return.
+template <typename F>
+inline void with_vec(int vec, F&& f) {
+  switch (vec) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
 // Launchers: raw device pointers, contiguous (n_rows, e) / (u, e) layouts; return the launch status.
 template <typename T>
 cudaError_t launch_chapter_gather(const T* table, const int64_t* index, const T* weight, T* out,
@@ -145,13 +158,9 @@ cudaError_t launch_chapter_gather(const T* table, const int64_t* index, const T*
   if (n_rows == 0 || row_elems == 0) return cudaSuccess;
   const int vec = pick_vec<T>(table, out, row_elems);
   const dim3 grid = grid_for(n_rows, row_elems, vec);
-  const auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(table, index, weight, out, row_elems); };
-  switch (vec) {
-    case 8: launch(chapter_gather_kernel<T, 8>); break;
-    case 4: launch(chapter_gather_kernel<T, 4>); break;
-    case 2: launch(chapter_gather_kernel<T, 2>); break;
-    default: launch(chapter_gather_kernel<T, 1>);
-  }
+  with_vec(vec, [&](auto v) {
+    chapter_gather_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(table, index, weight, out, row_elems);
+  });
   return cudaGetLastError();
 }
 
@@ -161,15 +170,10 @@ cudaError_t launch_chapter_scatter(const T* grad, const T* weight, const int64_t
   if (num_rows == 0 || row_elems == 0) return cudaSuccess;
   const int vec = pick_vec<T>(grad, grad_table, row_elems);
   const dim3 grid = grid_for(num_rows, row_elems, vec);
-  const auto launch = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(grad, weight, order, offsets, grad_table, row_elems);
-  };
-  switch (vec) {
-    case 8: launch(chapter_scatter_kernel<T, 8>); break;
-    case 4: launch(chapter_scatter_kernel<T, 4>); break;
-    case 2: launch(chapter_scatter_kernel<T, 2>); break;
-    default: launch(chapter_scatter_kernel<T, 1>);
-  }
+  with_vec(vec, [&](auto v) {
+    chapter_scatter_kernel<T, decltype(v)::value><<<grid, kThreads, 0, stream>>>(grad, weight, order, offsets,
+                                                                                 grad_table, row_elems);
+  });
   return cudaGetLastError();
 }
 
