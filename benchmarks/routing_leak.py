@@ -132,7 +132,7 @@ def mean_std(vals: list) -> tuple[float, float]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def report(out: Path, results: dict, args, runtime_s: float | None = None) -> str:
+def report(out: Path, results: dict, args, runtime_s: float | None = None) -> None:
     """Per model: validation loss with training-time and with causal routing (mean ± std over seeds),
     the gap between the two (per seed, then mean ± std), and the causal loss minus vanilla's paired
     by seed (same data order and evaluation sequences)."""
@@ -162,7 +162,6 @@ def report(out: Path, results: dict, args, runtime_s: float | None = None) -> st
             + (f" (evaluation only: {len(args.reused)} trained checkpoints reused)." if args.reused else "."))
     (out / "routing_leak.md").write_text(table + "\n" + note + "\n")
     print(table + "\n" + note)
-    return table
 
 
 if __name__ == "__main__":
