@@ -63,17 +63,6 @@ def memory_effect(model, cfg, x):
     return (full - without).abs().max().item()
 
 
-def chunked_greedy(model, prompt, steps):
-    """Greedy decoding by full forwards of the training model (the last chunk is usually shorter)."""
-    seq, step_logits = prompt, []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(seq).logits[:, -1]
-            step_logits.append(logits)
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    return seq, step_logits
-
-
 CASES = {
     "sequence": {},
     "chunk": {"routing_unit": "chunk", "routing_chunk": 8},
@@ -126,7 +115,8 @@ def test_chunk_routing_generate_equals_training_greedy_decoding(ctx, repo_root, 
     with torch.no_grad():
         out = hf.generate(prompt, max_new_tokens=14, do_sample=False, output_scores=True,
                           return_dict_in_generate=True)
-    ref, ref_logits = chunked_greedy(model, prompt, 14)
+    with torch.no_grad():  # the training model's full forwards; the last chunk is usually shorter
+        ref, ref_logits = greedy(model, prompt, 14)
     diff = max((a - b).abs().max().item() for a, b in zip(out.scores, ref_logits))
     print(f"chunk generate: tokens {out.sequences.tolist()}, max |step logit diff| = {diff:.3g}")
     assert len(set(ref[0, 6:].tolist())) > 3  # a decoding that is not stuck on one token
@@ -184,6 +174,7 @@ def test_sequence_routing_generate_keeps_the_prompts_routing(ctx, repo_root, tmp
 
 
 def greedy(model, prompt, steps):
+    """Greedy decoding by full forwards (no cache): the reference for generate()."""
     seq, step_logits = prompt, []
     for _ in range(steps):
         logits = model(seq).logits[:, -1]
