@@ -57,7 +57,7 @@ def single(tmp_path_factory):
     return merged(save)
 
 
-LAYOUTS = {"pp2": (2, 1, 2, 1), "ep2": (2, 1, 1, 2), "tp2_ep2": (4, 2, 1, 2)}  # TP alone: inside tp2_ep2
+LAYOUTS = {"tp2": (2, 2, 1, 1), "pp2": (2, 1, 2, 1), "ep2": (2, 1, 1, 2), "tp2_ep2": (4, 2, 1, 2)}
 
 
 @pytest.mark.slow
