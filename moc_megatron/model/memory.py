@@ -17,7 +17,7 @@ from torch import nn
 from moc_megatron.config import Config
 from moc_megatron.model.dispatch import ChapterParallelRead
 from moc_megatron.model.layers import column_linear, linear, normal_init, rms_norm, row_linear
-from moc_megatron.ops import chapter_gather, unique_chapters
+from moc_megatron.ops import chapter_attention, unique_chapters, used_rows
 from moc_megatron.parallel.state import ParallelContext
 
 
@@ -106,7 +106,7 @@ class Routing:
     """What the router chose for each routing unit (b, g) of a micro-batch."""
 
     chapters: torch.Tensor  # (b, g, n) int64: shared chapters first, then the routed top-k
-    weights: torch.Tensor   # (b, g, n): mixing weights, summing to 1 per unit
+    weights: torch.Tensor   # (b, g, n) fp32: mixing weights, summing to 1 per unit
     logits: torch.Tensor    # (b, g, c) router logits z
     probs: torch.Tensor     # (b, g, c) softmax(z) over all chapters
     active: torch.Tensor    # (b, g) bool: False where a unit reads shared chapters only
@@ -117,14 +117,16 @@ class Routing:
 
 
 def pool_units(h: torch.Tensor, valid: torch.Tensor | None, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled router input r (b, g, d) and which units route (b, g).
+    """Pooled router input r (b, g, d) in fp32 and which units route (b, g).
 
     sequence: one unit, the mean over valid positions (the paper's mode; sees the future).
     chunk:    unit j pools positions before chunk j (causal); unit 0 pools its first token or
               routes to nothing (shared chapters only).
+    Pooled in fp32 whatever the hidden dtype, as MoE routers route: bf16 counts are exact only to 256.
     """
+    h = h.float()
     b, s, _ = h.shape
-    mask = torch.ones(b, s, dtype=h.dtype, device=h.device) if valid is None else valid.to(h.dtype)
+    mask = torch.ones(b, s, device=h.device) if valid is None else valid.float()
     states = rolling_means(h, mask, cfg.memory.rolling_window) if cfg.memory.pooling == "rolling" else h
     if cfg.memory.routing_unit == "sequence":
         r = (states * mask[..., None]).sum(1) / mask.sum(1).clamp(min=1)[:, None]
@@ -166,8 +168,9 @@ class Router(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, r: torch.Tensor, active: torch.Tensor) -> Routing:
-        # r: (b, g, d) pooled states; active: (b, g)
-        z = self.proj(r).float()                                   # (b, g, c)
+        # r: (b, g, d) pooled states in fp32; active: (b, g)
+        z = F.linear(r.float(), self.proj.weight.float(), self.proj.bias.float())   # (b, g, c), fp32 as in MoE
+        # routers: a bf16 linear ties the top-k over thousands of chapters
         p = z.softmax(-1)
         routed = p[..., self.n_shared :]
         routed = routed / routed.sum(-1, keepdim=True)
@@ -178,30 +181,39 @@ class Router(nn.Module):
         weights = torch.cat([torch.ones_like(g[..., :1]).expand(*g.shape[:-1], self.n_shared),
                              g * active[..., None]], dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
-        return Routing(chapters, weights.to(r.dtype), z, p, active)
+        return Routing(chapters, weights, z, p, active)
 
 
 def router_losses(routing: Routing, cfg: Config, dp_group=None) -> dict[str, torch.Tensor]:
-    """Load balance and z-loss over the routing units that routed (SPEC 1.4)."""
-    mem, n_shared, k = cfg.memory, cfg.memory.shared_chapters, cfg.memory.top_k
-    act = routing.active.reshape(-1)
-    probs = routing.probs.reshape(-1, mem.chapters)[act]          # (units, c)
-    routed_ids = routing.chapters.reshape(-1, n_shared + k)[act, n_shared:]
-    counts = torch.bincount(routed_ids.reshape(-1), minlength=mem.chapters)[n_shared:].to(probs.dtype)
-    units = torch.tensor(float(probs.shape[0]), device=probs.device)
+    """Load balance and z-loss over the routing units that routed (SPEC 1.4).
+
+    Units that route to nothing are weighted out rather than selected, so no step waits on the host."""
+    mem, n_shared = cfg.memory, cfg.memory.shared_chapters
+    act = routing.active.reshape(-1, 1).float()                             # (units, 1)
+    probs = routing.probs.reshape(-1, mem.chapters)[:, n_shared:]            # (units, c_routed)
+    counts = _routed_counts(routing, cfg, act)
+    units = act.sum()
     if mem.load_balance_form == "normalized":
-        P_sum = (probs[:, n_shared:] / probs[:, n_shared:].sum(-1, keepdim=True)).sum(0)
-        f_scale = 1.0 / max(k, 1)
+        P_sum = (probs / probs.sum(-1, keepdim=True) * act).sum(0)
+        f_scale = 1.0 / max(mem.top_k, 1)
     else:  # the authors' form: P over all chapters (shared included), f per unit; minimum k
-        P_sum = probs[:, n_shared:].sum(0)
+        P_sum = (probs * act).sum(0)
         f_scale = 1.0
     counts, P_sum, units = _dp_sum(counts, P_sum, units, dp_group if mem.aux_loss_dp_average else None)
     f = counts * f_scale / units.clamp(min=1)
     P = P_sum / units.clamp(min=1)
     load_balance = cfg.routed_chapters * (f * P).sum()
-    z = routing.logits.reshape(-1, mem.chapters)[act]
-    z_loss = torch.logsumexp(z, -1).pow(2).mean() if z.numel() else z.sum()
+    lse = torch.logsumexp(routing.logits.reshape(-1, mem.chapters), -1)
+    z_loss = (lse.pow(2) * act[:, 0]).sum() / act.sum().clamp(min=1)
     return {"load_balance_loss": load_balance, "z_loss": z_loss}
+
+
+def _routed_counts(routing: Routing, cfg: Config, act: torch.Tensor) -> torch.Tensor:
+    """(c_routed,) fp32: how many routing units (those that route) picked each routed chapter."""
+    n_shared = cfg.memory.shared_chapters
+    ids = routing.chapters.reshape(act.shape[0], -1)[:, n_shared:] - n_shared   # (units, k)
+    ones = act.expand_as(ids).contiguous()
+    return ones.new_zeros(cfg.routed_chapters).index_add_(0, ids.reshape(-1), ones.reshape(-1))
 
 
 def _dp_sum(counts, P_sum, units, group):
@@ -222,14 +234,14 @@ def _dp_sum(counts, P_sum, units, group):
 @torch.no_grad()
 def router_stats(routing: Routing, cfg: Config) -> dict[str, torch.Tensor]:
     """Logged, not optimised: entropy, fraction of routed chapters used, max/min load, usage counts."""
-    n_shared, k = cfg.memory.shared_chapters, cfg.memory.top_k
-    act = routing.active.reshape(-1)
-    probs = routing.probs.reshape(-1, cfg.memory.chapters)[act]
-    ids = routing.chapters.reshape(-1, n_shared + k)[act, n_shared:].reshape(-1)
-    usage = torch.bincount(ids, minlength=cfg.memory.chapters)  # (c,) shared entries stay 0
-    load = usage[n_shared:].float() / max(ids.numel() / max(cfg.routed_chapters, 1), 1e-9)
-    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1).mean() if probs.numel() else probs.sum()
-    return {"entropy": entropy, "chapters_used": (usage[n_shared:] > 0).float().mean(),
+    n_shared = cfg.memory.shared_chapters
+    act = routing.active.reshape(-1, 1).float()
+    probs = routing.probs.reshape(-1, cfg.memory.chapters)
+    routed = _routed_counts(routing, cfg, act)                               # (c_routed,)
+    usage = torch.cat([routed.new_zeros(n_shared), routed]).long()          # (c,) shared entries stay 0
+    load = routed / (routed.sum() / max(cfg.routed_chapters, 1)).clamp(min=1e-9)
+    entropy = (-(probs * probs.clamp(min=1e-30).log()).sum(-1) * act[:, 0]).sum() / act.sum().clamp(min=1)
+    return {"entropy": entropy, "chapters_used": (routed > 0).float().mean(),
             "max_load": load.max(), "min_load": load.min(), "usage": usage}
 
 
@@ -241,7 +253,8 @@ class MemoryRead(nn.Module):
     """softmax(Q K^T / sqrt(e)) V W_O over the chapters each routing unit selected.
 
     K/V are projected once per micro-batch for the unique selected chapters (the weight is a scalar
-    per chapter, so K = w * norm(m) W_K exactly) and gathered per unit by chapter index.
+    per chapter, so K = w * norm(m) W_K exactly) and read by chapter index by the one chapter-attention
+    op, here and on the owners of a chapter-parallel read alike.
     """
 
     def __init__(self, ctx: ParallelContext, cfg: Config):
@@ -260,28 +273,6 @@ class MemoryRead(nn.Module):
         self.chunk = mem.routing_chunk if mem.routing_unit == "chunk" else None
         self.chapter_parallel = ChapterParallelRead(self, ctx.ep_group, ctx.ep_size) if ctx.ep_size > 1 else None
 
-    def project_chapters(self, bank: MemoryBank, chapters: torch.Tensor, active: torch.Tensor | None = None):
-        """K, V of the unique chapters: (u, t, kv*e) each, and the inverse map (b, g, n) -> u."""
-        unique, inverse = unique_chapters(chapters.reshape(-1, chapters.shape[-1]))
-        k, v = self.project_rows(bank.rows(unique, self._used_rows(unique, inverse, active)))
-        return k, v, inverse
-
-    def _used_rows(self, unique, inverse, active):
-        """(u,) bool: chapters some unit really reads. Units that route to nothing still carry (masked)
-        routed ids; those rows stay out of a sparse bank gradient, as in the chapter-parallel read."""
-        if active is None or bool(active.all()):
-            return None
-        used = torch.zeros(unique.shape[0], dtype=torch.bool, device=unique.device)
-        used[inverse[:, : self.n_shared]] = True
-        used[inverse[active.reshape(-1), self.n_shared :]] = True
-        return used
-
-    def project_rows(self, x: torch.Tensor):
-        """Bank rows (u, t, d) -> K, V (u, t, kv*e): normalised (no gain), then projected."""
-        if self.normalize:
-            x = rms_norm(x, self.eps)
-        return linear(self.k_proj, x), linear(self.v_proj, x)
-
     def forward(self, x: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
         # x: (b, s, d) = RMSNorm_m(h)
         b, s, _ = x.shape
@@ -292,24 +283,33 @@ class MemoryRead(nn.Module):
             q = F.pad(q, (0, 0, 0, units * span - s))
         q = q.view(b * units, span, self.h_local, self.e)
         w = copy_to_tensor_model_parallel_region(routing.weights.reshape(b * units, n), group=self.ctx.tp_group)
+        chapters, active = routing.chapters.reshape(b * units, n), routing.active.reshape(-1)
         if self.chapter_parallel is not None:
-            out = self.chapter_parallel(q, bank, routing.chapters.reshape(b * units, n), w,
-                                        routing.active.reshape(-1))
-            return linear(self.o_proj, out.reshape(b, units * span, self.h_local * self.e)[:, :s])
-        t = bank.routed.shape[1]
-        k_u, v_u, inverse = self.project_chapters(bank, routing.chapters, routing.active)
-        w = w.to(k_u.dtype)  # under autocast K/V may be bf16 while the router works in fp32
-        k = chapter_gather(k_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
-        v = chapter_gather(v_u, inverse, w).view(b * units, n * t, self.kv_local, self.e)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=self._key_mask(routing, t), enable_gqa=True)
-        return linear(self.o_proj, out.transpose(1, 2).reshape(b, units * span, self.h_local * self.e)[:, :s])
+            out = self.chapter_parallel(q, bank, chapters, w, active)
+        else:
+            out = self.read_local(q, bank, chapters, w, active)
+        return linear(self.o_proj, out.reshape(b, units * span, self.h_local * self.e)[:, :s])
 
-    def _key_mask(self, routing: Routing, t: int) -> torch.Tensor | None:
-        """Units that route to nothing read only their shared chapters' keys."""
-        if bool(routing.active.all()):
-            return None
-        n = routing.chapters.shape[-1]
-        keep = torch.ones(*routing.active.shape, n, dtype=torch.bool, device=routing.active.device)
-        keep[..., self.n_shared :] = routing.active[..., None]
-        return keep.reshape(-1, 1, 1, n).repeat_interleave(t, dim=-1)      # (b*g, 1, 1, n*t)
+    def read_local(self, q, bank: MemoryBank, chapters, w, active) -> torch.Tensor:
+        """Every selected chapter is on this rank: q (U, c, h, e), chapters, w (U, n), active (U,)."""
+        used = self.used_slots(chapters, active)                   # (U, n)
+        unique, inverse = unique_chapters(chapters)
+        rows = bank.rows(unique, used_rows(unique.shape[0], inverse, used) if bank.sparse_grad else None)
+        k, v = self.project_rows(rows)                              # (u, t, kv, e) each
+        out, _ = chapter_attention(q, k, v, inverse, w, valid=used)
+        return out
+
+    def used_slots(self, chapters: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """(U, n) bool: shared slots always, routed slots where the unit routes."""
+        used = torch.ones(chapters.shape, dtype=torch.bool, device=chapters.device)
+        used[:, self.n_shared :] = active[:, None]
+        return used
+
+    def project_rows(self, x: torch.Tensor):
+        """Bank rows (u, t, d) -> K, V (u, t, kv, e): normalised (no gain), then projected."""
+        if self.normalize:
+            x = rms_norm(x, self.eps)
+        u, t = x.shape[:2]
+        return (linear(self.k_proj, x).view(u, t, self.kv_local, self.e),
+                linear(self.v_proj, x).view(u, t, self.kv_local, self.e))
+

@@ -1,7 +1,9 @@
 """Which kernels run: the compiled extension moc_megatron._C or the pure-torch path.
 
-MOC_OPS_BACKEND=auto (default) uses the extension where it has a kernel for the tensors' device;
-=torch forces the torch path; =cpp forces the extension and fails if it cannot serve the call.
+MOC_OPS_BACKEND=auto (default) uses the extension where it has a kernel for the tensors' device (and,
+for chapter attention on GPUs, the Triton kernel); =torch forces the torch path; =cpp forces the
+extension and fails if it cannot serve the call; =triton forces the Triton chapter-attention kernel
+(on CPU tensors under TRITON_INTERPRET=1, for tests).
 """
 
 import os
@@ -14,7 +16,7 @@ from moc_megatron.errors import UserError
 from moc_megatron.ops import torch_impl
 
 ENV_VAR = "MOC_OPS_BACKEND"
-_MODES = ("auto", "torch", "cpp")
+_MODES = ("auto", "torch", "cpp", "triton")
 _BUILD_HINT = "build it with `pip install --no-build-isolation --no-deps -e .` in the repository root"
 
 
@@ -56,7 +58,52 @@ def kernels_for(device: torch.device) -> ModuleType:
     if requested == "cpp":
         built = "is not built" if EXTENSION is None else f"has no kernel for {device.type} tensors"
         raise UserError(f"{ENV_VAR}=cpp but moc_megatron._C {built}; {_BUILD_HINT}, or unset {ENV_VAR}")
+    _warn_fallback(device, "chapter gather/scatter")
     return torch_impl
+
+
+def _triton():
+    try:
+        from moc_megatron.ops import triton_attention
+    except ModuleNotFoundError:
+        return None
+    return triton_attention if triton_attention.AVAILABLE else None
+
+
+def attention_kernels(device: torch.device):
+    """What serves chapter attention on `device`: an object with chapter_attention_fwd / _bwd.
+
+    CPU: the extension's kernel; GPU: the Triton kernel; otherwise the torch reference."""
+    from moc_megatron.ops.attention import REFERENCE
+
+    requested = mode()
+    if requested == "torch":
+        return REFERENCE
+    if requested == "triton" or device.type == "cuda":
+        kernel = _triton()
+        if kernel is not None:
+            return kernel
+        if requested == "triton":
+            raise UserError(f"{ENV_VAR}=triton but triton is not importable; pip install triton, or unset {ENV_VAR}")
+    if device.type == "cpu" and EXTENSION is not None and hasattr(EXTENSION, "chapter_attention_fwd"):
+        return EXTENSION
+    if requested == "cpp":
+        raise UserError(f"{ENV_VAR}=cpp but moc_megatron._C has no chapter attention for {device.type} tensors; "
+                        f"{_BUILD_HINT}, or unset {ENV_VAR}")
+    _warn_fallback(device, "chapter attention")
+    return REFERENCE
+
+
+_WARNED: set = set()
+
+
+def _warn_fallback(device: torch.device, what: str) -> None:
+    """Once per op family: GPU tensors on the pure-torch path are correct but slow."""
+    if device.type != "cpu" and what not in _WARNED:
+        _WARNED.add(what)
+        warnings.warn(f"moc_megatron: {what} on {device.type} tensors takes the pure-torch path (slow): "
+                      f"moc_megatron._C was built without CUDA or triton is missing; {_BUILD_HINT} on a machine "
+                      f"with nvcc, or pip install triton", RuntimeWarning, stacklevel=3)
 
 
 def backend() -> str:
