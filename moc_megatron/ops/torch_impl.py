@@ -17,14 +17,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_index(index: torch.Tensor, num_rows: int, op: str) -> None:
-    """IndexError naming the offending id, the same message as the compiled kernels."""
+    """IndexError naming the offending id, the same message as the compiled kernels.
+
+    The check is an asynchronous device assert, so a GPU never waits for it; on the CPU it fires at
+    once and the id is looked up only then."""
     if index.numel() == 0:
         return
-    lo, hi = (v.item() for v in torch.aminmax(index))
-    if lo < 0 or hi >= num_rows:
+    ok = ((index >= 0) & (index < num_rows)).all()
+    try:
+        torch._assert_async(ok, f"{op}: a chapter id is out of range for a table of {num_rows} rows")
+    except RuntimeError:
+        lo, hi = (v.item() for v in torch.aminmax(index))
         bad = lo if lo < 0 else hi
         raise IndexError(f"{op}: chapter id {bad} is out of range for a table of {num_rows} rows "
-                         f"(valid ids are 0..{num_rows - 1})")
+                         f"(valid ids are 0..{num_rows - 1})") from None
 
 
 def chapter_gather(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
