@@ -68,6 +68,8 @@ class MemoryConfig:
     load_balance_form: str = opt("normalized", "normalized: minimum 1 over routed chapters; authors: P over all "
                                  "chapters, minimum k.", ("normalized", "authors"))
     aux_loss_dp_average: bool = opt(True, "Average routing statistics f and P over the data-parallel group.")
+    recompute_kv: bool = opt(False, "Recompute the selected chapters' K/V in backward instead of keeping them "
+                                    "(they grow with the distinct chapters read: most under chunk routing).")
 
 
 @dataclass

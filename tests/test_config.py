@@ -107,7 +107,7 @@ FLAGS = """
 --memory-num-kv-heads --memory-routed-scaling-factor --memory-normalize-before-mixing --memory-bank-sharing
 --memory-bank-init-std --memory-pooling --memory-rolling-window --memory-routing-unit --memory-routing-chunk
 --memory-first-chunk --memory-load-balance-coeff --memory-z-loss-coeff --memory-load-balance-form
---memory-aux-loss-dp-average
+--memory-aux-loss-dp-average --memory-recompute-kv
 --tensor-model-parallel-size --pipeline-model-parallel-size --expert-model-parallel-size
 --seq-length --micro-batch-size --global-batch-size --train-iters --lr --min-lr --lr-warmup-iters
 --lr-decay-style --lr-decay-iters --lr-wsd-decay-iters --memory-layer-lr --memory-bank-lr --freeze-memory-bank

@@ -182,3 +182,33 @@ def test_aux_losses_authors_form_has_minimum_k(ctx):
                           torch.ones(1, units, dtype=torch.bool))
         lb = router_losses(routing, cfg)["load_balance_loss"]
         assert abs(lb.item() - expected) < 1e-6, form
+
+
+@pytest.mark.parametrize("routing_unit", ["sequence", "chunk"])
+def test_recomputing_chapter_kv_gives_identical_gradients_and_keeps_less(ctx, routing_unit):
+    """--memory-recompute-kv: the chapter attention's outputs are kept, K/V rebuilt in backward."""
+    from moc_megatron.config import load_config
+    from moc_megatron.model.gpt import MemoryBranch
+    from moc_megatron.model.memory import MemoryBank
+
+    results = {}
+    for recompute in (False, True):
+        cfg = load_config(model=dict(num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=64),
+                          memory=dict(layers=[0], tokens=33 * 4, chapters=33, top_k=4, routing_unit=routing_unit,
+                                      routing_chunk=4, recompute_kv=recompute),
+                          training=dict(seq_length=16)).validate()
+        torch.manual_seed(0)
+        branch, bank = MemoryBranch(ctx, cfg), MemoryBank(cfg, 0.02)
+        torch.nn.init.normal_(branch.memory_attn.o_proj.weight, std=0.02)
+        g = torch.Generator().manual_seed(1)
+        h, h_in = (torch.randn(2, 16, 32, generator=g).requires_grad_() for _ in range(2))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out, _ = branch(h, h_in, bank, None)
+        out.square().sum().backward()
+        params = [h, h_in, *branch.parameters(), *bank.parameters()]
+        results[recompute] = (out.detach(), [p.grad.clone() for p in params], sum(saved))
+    (out0, grads0, kept0), (out1, grads1, kept1) = results[False], results[True]
+    assert torch.equal(out0, out1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert kept1 < kept0

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from moc_megatron.ops import chapter_attention, unique_chapters, used_rows
+from moc_megatron.ops import unique_chapters, used_rows
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -90,8 +90,9 @@ class ChapterParallelRead:
         ns = bank.n_shared
         parts = []
         if ns:  # every unit reads every shared chapter: no lookup, the table is the shared bank
-            k, v = self.read.project_rows(bank.shared_rows(torch.arange(ns, device=q.device)))
-            out, lse = chapter_attention(q, k, v, chapters[:, :ns], weights[:, :ns])
+            shared = torch.arange(ns, device=q.device)
+            out, lse = self.read.attend(q, lambda: bank.shared_rows(shared), chapters[:, :ns], weights[:, :ns],
+                                        torch.ones_like(chapters[:, :ns], dtype=torch.bool))
             parts.append((torch.arange(q.shape[0], device=q.device), out, lse))
         parts.append(self._routed_part(q, bank, chapters[:, ns:], weights[:, ns:], active))
         return merge_partials(q.shape[0], parts).to(q.dtype)
@@ -142,9 +143,8 @@ class ChapterParallelRead:
         used = ids >= 0
         local = torch.where(used, ids - bank.first_routed, 0)               # empty slots name row 0, unused
         unique, inverse = unique_chapters(local)
-        rows = bank.routed_rows(unique, used_rows(unique.shape[0], inverse, used) if bank.sparse_grad else None)
-        k, v = self.read.project_rows(rows)
-        return chapter_attention(q, k, v, inverse, w, valid=used)
+        hit = used_rows(unique.shape[0], inverse, used) if bank.sparse_grad else None
+        return self.read.attend(q, lambda: bank.routed_rows(unique, hit), inverse, w, used)
 
     def _count(self, sent, received):
         self.bytes_sent += _nbytes(*sent)

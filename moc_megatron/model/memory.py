@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from moc_megatron.config import Config
 from moc_megatron.model.dispatch import ChapterParallelRead
@@ -271,6 +272,7 @@ class MemoryRead(nn.Module):
         self.o_proj = row_linear(ctx, mem.num_heads * self.e, d, nn.init.zeros_)  # branch starts as identity
         self.n_shared = mem.shared_chapters
         self.chunk = mem.routing_chunk if mem.routing_unit == "chunk" else None
+        self.recompute_kv = mem.recompute_kv
         self.chapter_parallel = ChapterParallelRead(self, ctx.ep_group, ctx.ep_size) if ctx.ep_size > 1 else None
 
     def forward(self, x: torch.Tensor, bank: MemoryBank, routing: Routing) -> torch.Tensor:
@@ -294,10 +296,20 @@ class MemoryRead(nn.Module):
         """Every selected chapter is on this rank: q (U, c, h, e), chapters, w (U, n), active (U,)."""
         used = self.used_slots(chapters, active)                   # (U, n)
         unique, inverse = unique_chapters(chapters)
-        rows = bank.rows(unique, used_rows(unique.shape[0], inverse, used) if bank.sparse_grad else None)
-        k, v = self.project_rows(rows)                              # (u, t, kv, e) each
-        out, _ = chapter_attention(q, k, v, inverse, w, valid=used)
+        hit = used_rows(unique.shape[0], inverse, used) if bank.sparse_grad else None
+        out, _ = self.attend(q, lambda: bank.rows(unique, hit), inverse, w, used)
         return out
+
+    def attend(self, q, read_rows, index, w, used):
+        """Project the chapters that read_rows() returns (u, t, d) and attend over them by index:
+        the local read and the chapter-parallel owner's alike. -> out (U, c, h, e), lse (U, c, h)."""
+        def project_and_attend(q, w):
+            k, v = self.project_rows(read_rows())                  # (u, t, kv, e) each
+            return chapter_attention(q, k, v, index, w, valid=used)
+
+        if self.recompute_kv and torch.is_grad_enabled():  # keep the op's outputs, rebuild K/V in backward
+            return checkpoint(project_and_attend, q, w, use_reentrant=False, context_fn=_keep_attention_outputs)
+        return project_and_attend(q, w)
 
     def used_slots(self, chapters: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """(U, n) bool: shared slots always, routed slots where the unit routes."""
@@ -313,3 +325,12 @@ class MemoryRead(nn.Module):
         return (linear(self.k_proj, x).view(u, t, self.kv_local, self.e),
                 linear(self.v_proj, x).view(u, t, self.kv_local, self.e))
 
+
+def _keep_attention_policy(ctx, op, *args, **kwargs):
+    if op is torch.ops.moc_ops.chapter_attention.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_outputs():
+    return create_selective_checkpoint_contexts(_keep_attention_policy)
