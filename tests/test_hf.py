@@ -124,9 +124,16 @@ def test_chunk_routing_generate_equals_training_greedy_decoding(ctx, repo_root, 
     assert diff <= TOL
 
 
-def test_left_padded_batch_generates_as_each_prompt_alone(ctx, repo_root, tmp_path):
-    cfg = tiny_config(repo_root, model={"init_method_std": 0.1}, memory={"routing_unit": "chunk", "routing_chunk": 4})
-    hf = export(training_model(ctx, cfg), cfg, tmp_path / "out")
+LEFT_PADDED = {"chunk": {"routing_unit": "chunk", "routing_chunk": 4}, "sequence": {},
+               "rolling_pooling": {"pooling": "rolling", "rolling_window": 3}}
+
+
+@pytest.mark.parametrize("case", LEFT_PADDED)
+def test_left_padded_batch_generates_as_each_prompt_alone(ctx, repo_root, tmp_path, case):
+    """generate() and a plain forward with only the attention mask: positions count valid tokens, so the
+    padded row's rotary phases, chunk boundaries and pooling are those of the prompt alone."""
+    cfg = tiny_config(repo_root, model={"init_method_std": 0.1}, memory=LEFT_PADDED[case])
+    hf = export(training_model(ctx, cfg, o_proj_std=0.2), cfg, tmp_path / "out")
     short, long = tokens(b=1, s=6, seed=1), tokens(b=1, s=9, seed=2)
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
     mask = torch.ones_like(batch)
@@ -134,7 +141,9 @@ def test_left_padded_batch_generates_as_each_prompt_alone(ctx, repo_root, tmp_pa
     with torch.no_grad():
         both = hf.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False)
         alone = [hf.generate(p, max_new_tokens=10, do_sample=False) for p in (short, long)]
+        diff = (hf(batch, attention_mask=mask).logits[0, 3:] - hf(short).logits[0]).abs().max().item()
     assert torch.equal(both[0, 3:], alone[0][0]) and torch.equal(both[1], alone[1][0])
+    assert diff <= TOL
 
 
 def test_chunk_routing_beam_search_with_cache_equals_without(ctx, repo_root, tmp_path):

@@ -19,6 +19,10 @@ inside a chunk, so each row's tokens are laid out in "slots" (position minus the
 row's first token) and processed as whole chunks; the cache carries each memory layer's running prefix
 sums and the current chunk's chapters, so decoding token by token equals the full forward.
 
+Padding. ``attention_mask`` marks valid tokens: self-attention skips padded keys, routers pool valid
+positions only, and default positions (rotary phases, chunk boundaries) count valid tokens, so a row of a left- or
+right-padded batch gets the scores it gets alone.
+
 Letters: b batch, s sequence (this call), d hidden, h query heads, g key/value heads, e head dim,
 c chapters in the bank, t tokens per chapter, k top-k, n = shared + k chapters per unit, u unique
 chapters, G routing units in this call, w rolling window, L cached + new positions.
@@ -144,6 +148,16 @@ def self_attention_mask(attention_mask: torch.Tensor | None, s: int, past: int, 
     if padded:
         allowed = allowed & (attention_mask.bool()[:, None, :] | (k_idx == q_idx))  # (b, s, L)
     return SelfAttnMask(allowed[:, None], False)
+
+
+def default_positions(attention_mask: torch.Tensor | None, b: int, s: int, past: int, device) -> torch.Tensor:
+    """Positions (b, s) of this call's tokens: without a mask past..past+s-1; with one, counted over valid
+    tokens only, so a left-padded row starts at 0 (rotary phases and chunk boundaries as if it were alone),
+    as generate() counts them. Padding gets 0; it is never read."""
+    if attention_mask is None:
+        return torch.arange(past, past + s, device=device)[None].expand(b, s)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -s:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,8 +621,11 @@ class MoCModel(MoCPreTrainedModel):
             use_cache = False
         past_key_values = self.memory_cache(past_key_values) if use_cache else None
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and attention_mask.shape[1] != past + s:
+            raise ValueError(f"attention_mask has {attention_mask.shape[1]} columns; it must cover the {past} cached "
+                             f"and {s} new tokens ({past + s})")
         if position_ids is None:
-            position_ids = torch.arange(past, past + s, device=h.device)[None].expand(b, s)
+            position_ids = default_positions(attention_mask, b, s, past, h.device)
         position_ids = position_ids.expand(b, s)
         valid = (attention_mask[:, -s:].bool() if attention_mask is not None
                  else torch.ones(b, s, dtype=torch.bool, device=h.device))
