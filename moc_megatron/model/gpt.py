@@ -115,6 +115,9 @@ class MoCModel(nn.Module):
 
     def forward(self, tokens, labels=None, loss_mask=None, valid=None) -> ModelOutput:
         # tokens, labels, loss_mask, valid: (b, s)
+        # valid marks real tokens of a RIGHT-padded batch: routers pool over them only. Self-attention
+        # and positions count columns, so a left-padded row does not score as it does alone (the HF
+        # model, which takes attention_mask, handles both).
         h = self.embed_tokens(tokens)
         routings = []
         for block in self.layers:
