@@ -9,7 +9,7 @@ PYTEST_ARGS   ?=
 STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
 EXT_SOURCES   := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 
-.PHONY: venv test demo demo-clean clean ext
+.PHONY: venv test demo demo-clean clean ext gpu-wheels
 
 venv: $(STAMP) moc_megatron/.ext-stamp
 
@@ -33,6 +33,13 @@ test: venv
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tools/quickstart.py --out demo_out
+
+# .whl/ for the GPU check machine (Python 3.12 with its own CUDA torch, no package index): the pinned
+# requirements but torch and triton, as cp312 wheels (benchmarks/gpu/README.md). GPU_WHEELS_ARGS passes
+# options on, e.g. GPU_WHEELS_ARGS="--skip-requirements torch triton" keeps tensorboard and transformers.
+GPU_WHEELS_ARGS ?=
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu/wheels.py --dest .whl $(GPU_WHEELS_ARGS)
 
 demo-clean:
 	rm -rf demo_out
