@@ -294,7 +294,7 @@ at::Tensor chapter_weight_grad(const at::Tensor& grad, const at::Tensor& table, 
 }  // namespace moc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Chapter gather / scatter kernels for moc_megatron (CPU, and CUDA when built with it)";
+  m.doc() = "Chapter gather / scatter / attention kernels for moc_megatron (CPU, and CUDA when built with it)";
   m.def("chapter_gather", &moc::chapter_gather, "out[b, j] = weight[b, j] * table[index[b, j]]",
         py::arg("table"), py::arg("index"), py::arg("weight") = py::none());
   m.def("chapter_scatter", &moc::chapter_scatter, "grad_table[u] = sum_{index[b, j] == u} weight[b, j] * grad[b, j]",
@@ -304,6 +304,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("index"));
   m.def("unique_chapters", &moc::unique_chapters_cpu, "sorted unique ids and inverse of a CPU int64 tensor",
         py::arg("chapters"));
+  m.def("chapter_attention_fwd", &moc::chapter_attention_fwd,
+        "CPU chapter attention: out, lse of q over the K/V table rows index selects, scaled by weight",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("index"), py::arg("weight"), py::arg("scale"));
+  m.def("chapter_attention_bwd", &moc::chapter_attention_bwd,
+        "CPU chapter attention backward: dq, dk, dv, dweight (dk / dv reduced per table row, deterministic)",
+        py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("index"),
+        py::arg("weight"), py::arg("out"), py::arg("lse"), py::arg("scale"));
 #ifdef MOC_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

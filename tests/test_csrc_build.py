@@ -1,20 +1,24 @@
-"""The CUDA sources compile with nvcc on a machine without a GPU.
+"""The extension's build: the CUDA sources compile with nvcc on a machine without a GPU, and setup.py
+falls back from a failed CUDA build to the CPU extension, and from that to the torch path.
 
 The kernels (csrc/chapter_kernels.cuh) are plain CUDA C++ and must compile for real architectures.
 The torch glue (csrc/chapter_ops_cuda.cu) also compiles here against the CPU wheel's headers, which
 lack one CMake-generated CUDA header; the test supplies a stand-in for it.
 """
 
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from setuptools import Extension
 from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
 NVCC = shutil.which("nvcc")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
@@ -45,12 +49,14 @@ def _nvcc(source: Path, out: Path, *flags: str) -> None:
     assert out.stat().st_size > 0
 
 
+@needs_nvcc
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     source = tmp_path / "kernels.cu"
     source.write_text(INSTANTIATE)
     _nvcc(source, tmp_path / "kernels.o", "-O3", *ARCHS)
 
 
+@needs_nvcc
 @pytest.mark.slow
 def test_cuda_torch_glue_compiles_against_torch_headers(tmp_path):
     macros = tmp_path / "shim" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
@@ -60,3 +66,108 @@ def test_cuda_torch_glue_compiles_against_torch_headers(tmp_path):
     quick = ["-O0", "-Xcompiler", "-O0"]  # a compile check: optimising torch's headers only costs time
     _nvcc(CSRC / "chapter_ops_cuda.cu", tmp_path / "glue.o", "-DMOC_WITH_CUDA", f"-I{tmp_path / 'shim'}",
           *includes, *quick, ARCHS[1])
+
+
+# ---- setup.py's build logic, on stand-ins for torch's BuildExtension ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py as a module: its helpers, without running setup() (that happens only as __main__)."""
+    spec = importlib.util.spec_from_file_location("moc_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeBuild:
+    """build_ext stand-in: 'compiles' what it is given, failing as told."""
+
+    def __init__(self, extensions, fail_on=(".cu",)):
+        self.extensions, self.fail_on, self.built, self.compiler = extensions, fail_on, [], None
+
+    def build_extensions(self):
+        sources = [src for ext in self.extensions for src in ext.sources]
+        bad = [src for src in sources if src.endswith(self.fail_on)]
+        if bad:
+            raise RuntimeError(f"The detected CUDA version (13.0) mismatches the version used to compile PyTorch "
+                               f"({bad[0]})")
+        self.built += self.extensions
+
+
+class BrokenCompilerBuild(FakeBuild):
+    def __init__(self, extensions):
+        super().__init__(extensions, fail_on=(".cu", ".cpp"))
+
+
+def _cuda_ext(setup_py):
+    return Extension("moc_megatron._C", setup_py.CPU_SOURCES + setup_py.CUDA_SOURCES)
+
+
+def test_cpu_sources_include_chapter_attention(setup_py):
+    assert "csrc/chapter_attention.cpp" in setup_py.CPU_SOURCES
+    assert all((ROOT / src).is_file() for src in setup_py.CPU_SOURCES + setup_py.CUDA_SOURCES)
+
+
+def test_failed_cuda_build_builds_the_cpu_extension_with_a_loud_warning(setup_py, capsys):
+    cpu = Extension("moc_megatron._C", setup_py.CPU_SOURCES)
+    build = setup_py.fallback_build(FakeBuild, lambda: cpu)([_cuda_ext(setup_py)])
+    build.build_extensions()
+    assert build.built == [cpu]
+    err = capsys.readouterr().err
+    assert "CUDA build of moc_megatron._C FAILED" in err and "mismatches the version" in err
+    assert "CPU extension alone" in err and err.count("#####") >= 2
+
+
+def test_failed_cpu_build_warns_and_leaves_the_torch_path(setup_py, capsys):
+    build_cls = setup_py.fallback_build(BrokenCompilerBuild, lambda: Extension("moc_megatron._C", setup_py.CPU_SOURCES))
+    build = build_cls([_cuda_ext(setup_py)])
+    build.build_extensions()  # no exception: the package still installs
+    assert build.built == [] and build.extensions == []
+    assert "will use the pure-torch path" in capsys.readouterr().err
+
+
+def test_cpu_only_build_failure_is_a_warning_without_retry(setup_py, capsys):
+    calls = []
+
+    def cpu_extension():
+        calls.append(1)
+        return Extension("moc_megatron._C", setup_py.CPU_SOURCES)
+
+    build = setup_py.fallback_build(BrokenCompilerBuild, cpu_extension)([Extension("moc_megatron._C",
+                                                                                   setup_py.CPU_SOURCES)])
+    build.build_extensions()
+    assert calls == [] and "pure-torch path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, torch_has_cuda, expected", [
+    ("auto", True, True), ("auto", False, False), ("", False, False),
+    ("1", False, True), ("0", True, False),
+])
+def test_moc_build_cuda_chooses_the_cuda_build(setup_py, value, torch_has_cuda, expected):
+    assert setup_py.want_cuda(torch_has_cuda, {"MOC_BUILD_CUDA": value}) is expected
+
+
+def test_moc_build_cuda_rejects_other_values(setup_py):
+    with pytest.raises(SystemExit, match="MOC_BUILD_CUDA='yes'"):
+        setup_py.want_cuda(True, {"MOC_BUILD_CUDA": "yes"})
+
+
+def test_cuda_arch_list_defaults_only_without_a_gpu_or_a_setting(setup_py, capsys):
+    env = {}
+    setup_py.default_cuda_arch_list(gpu_visible=False, environ=env)
+    assert env == {"TORCH_CUDA_ARCH_LIST": "8.0;9.0+PTX"} and "8.0;9.0+PTX" in capsys.readouterr().err
+    env = {"TORCH_CUDA_ARCH_LIST": "8.6"}
+    setup_py.default_cuda_arch_list(gpu_visible=False, environ=env)
+    assert env == {"TORCH_CUDA_ARCH_LIST": "8.6"}
+    env = {}
+    setup_py.default_cuda_arch_list(gpu_visible=True, environ=env)
+    assert env == {}  # torch detects the visible GPUs' archs
+
+
+def test_default_cuda_arch_list_is_valid_for_torch(setup_py, monkeypatch):
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", setup_py.DEFAULT_CUDA_ARCHS)
+    flags = _get_cuda_arch_flags()
+    assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=compute_90" in flags
