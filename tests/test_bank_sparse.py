@@ -259,6 +259,61 @@ def test_row_sparse_adam_accepts_dense_gradients():
     assert torch.allclose(p, torch.full((3, 2), 0.9))
 
 
+def _bf16_updates(steps, start, opt=None, p=None):
+    """``steps`` steps of RowSparseAdam at lr 1e-4 on rows 1 and 4 of a bf16 parameter; the same bf16 gradients
+    drive an fp32 copy (the reference)."""
+    gen = torch.Generator().manual_seed(11)
+    p = start.bfloat16().requires_grad_() if p is None else p
+    ref = start.bfloat16().float().requires_grad_()
+    opt = RowSparseAdam([p], lr=1e-4, weight_decay=0.1) if opt is None else opt
+    ref_opt = RowSparseAdam([ref], lr=1e-4, weight_decay=0.1)
+    for _ in range(steps):
+        g = (0.5 + torch.rand(2, 4, generator=gen)).bfloat16()  # one sign: each step moves a weight by ~lr
+        p.grad, ref.grad = sparse_rows([1, 4], g, p.shape), sparse_rows([1, 4], g.float(), ref.shape)
+        opt.step()
+        ref_opt.step()
+    return p, opt, ref
+
+
+def test_row_sparse_adam_in_bf16_moves_rows_as_fp32_does_below_bf16_resolution():
+    """Rows near 1.0 take 200 updates of ~1e-4, each far below half a bf16 step there (2^-9): a bf16 weight
+    updated in place never moves. fp32 master rows and moments move it as the fp32 run does (and the
+    weight is that master, rounded)."""
+    start = 1.0 + torch.rand(6, 4, generator=torch.Generator().manual_seed(3)) * 0.01
+    p, opt, ref = _bf16_updates(200, start)
+    moved = (p.detach().float() - start.bfloat16().float()).abs()
+    assert moved[[1, 4]].min() >= 2**-8 and moved[[0, 2, 3, 5]].max() == 0
+    assert torch.equal(p.detach(), ref.detach().bfloat16())
+    state = opt.state[p]
+    assert p.dtype == torch.bfloat16
+    assert {state[k].dtype for k in ("master", "exp_avg", "exp_avg_sq")} == {torch.float32}
+    assert torch.equal(state["master"], ref.detach())
+
+
+def test_row_sparse_adam_state_keeps_fp32_through_a_checkpoint_and_resumes_bitwise(tmp_path):
+    start = 1.0 + torch.rand(6, 4, generator=torch.Generator().manual_seed(4)) * 0.01
+    straight, _, _ = _bf16_updates(60, start)
+    first, opt, _ = _bf16_updates(30, start)
+    torch.save({"param": first.detach(), "optim": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=False)
+    p = saved["param"].clone().requires_grad_()
+    resumed_opt = RowSparseAdam([p], lr=1e-4, weight_decay=0.1)
+    resumed_opt.load_state_dict(saved["optim"])
+    assert resumed_opt.state[p]["master"].dtype == torch.float32  # torch's own load would cast it to bf16
+    resumed = _continue(p, resumed_opt, skip=30, steps=30)  # the same gradient stream, from step 31
+    assert torch.equal(resumed.detach(), straight.detach())
+
+
+def _continue(p, opt, skip, steps):
+    gen = torch.Generator().manual_seed(11)
+    for i in range(skip + steps):
+        g = (0.5 + torch.rand(2, 4, generator=gen)).bfloat16()
+        if i >= skip:
+            p.grad = sparse_rows([1, 4], g, p.shape)
+            opt.step()
+    return p
+
+
 def _reduce_and_step(rank, world_size):
     # rank 0 touches rows {0, 2}, rank 1 rows {2, 5}; values are rank-dependent
     rows = [[0, 2], [2, 5]][rank]

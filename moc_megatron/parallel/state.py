@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from moc_megatron.config import ParallelConfig
+from moc_megatron.errors import UserError
 from moc_megatron.parallel.net import free_port
 
 
@@ -68,6 +69,21 @@ def init_distributed(backend: Optional[str] = None) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
+def bind_local_device() -> None:
+    """Under CUDA, make cuda:LOCAL_RANK this process's device (before NCCL starts). More processes on
+    a node than visible GPUs is refused: NCCL cannot put two ranks on one GPU."""
+    if not torch.cuda.is_available():
+        return
+    local_rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise UserError(f"LOCAL_RANK={local_rank}, but this node has {count} visible CUDA device(s){shown}: start at "
+                        f"most {count} process(es) per node (torchrun --nproc-per-node {count}, deepspeed --num_gpus "
+                        f"{count}), or make more GPUs visible")
+    torch.cuda.set_device(local_rank)
+
+
 def cpu_deepspeed() -> None:
     """Without a GPU: name DeepSpeed's CPU accelerator and skip its shared-memory comm op, whose
     JIT build takes minutes and which gloo does not need. Call before deepspeed.comm is used."""
@@ -93,6 +109,8 @@ def initialize(parallel: ParallelConfig) -> ParallelContext:
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
+        # megatron's gloo twin of every group serves its distributed optimizer, which we do not use
+        create_gloo_process_groups=dist.get_backend() != "nccl",
     )
     ctx = _context_from_megatron()
     if ctx.ep_size > 1:

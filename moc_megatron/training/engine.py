@@ -1,5 +1,9 @@
 """The DeepSpeed engine: its JSON config (from --deepspeed-config, flags filling what it leaves out),
-ZeRO 0/1/2, gradient accumulation, clipping and bf16, around our AdamW over the three parameter groups."""
+ZeRO 0/1/2, gradient accumulation, clipping and bf16, around our AdamW over the three parameter groups.
+
+Under bf16 with ZeRO 1/2, gradients are accumulated in fp32 (``data_types.grad_accum_dtype``): the bank's
+gradient is a sum over every memory layer that reads it and every micro-batch. DeepSpeed 0.19.8 has no
+fp32 accumulation under ZeRO 0 (it keeps fp32 master weights there, but bf16 gradients)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import os
 import warnings
 
 import torch
+import torch.distributed as dist
 
 from moc_megatron.config import Config
 from moc_megatron.errors import UserError
@@ -72,7 +77,14 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext, ds: dict) -> dict:
     out["gradient_accumulation_steps"] = accumulation_steps(cfg, ctx)
     out["gradient_clipping"] = t.clip_grad
     out.setdefault("zero_optimization", {})["stage"] = t.zero_stage
-    out["bf16"] = {**out.get("bf16", {}), "enabled": t.bf16 and bf16_supported()}
+    bf16 = t.bf16 and bf16_supported()
+    out["bf16"] = {**out.get("bf16", {}), "enabled": bf16}
+    accum = out.get("data_types", {}).get("grad_accum_dtype")
+    if bf16 and t.zero_stage == 0 and accum not in (None, "bf16"):
+        raise UserError(f"--deepspeed-config {t.deepspeed_config}: data_types.grad_accum_dtype {accum} with bf16 needs "
+                        "--zero-stage 1 or 2 (DeepSpeed 0.19.8 supports it there only)")
+    if bf16 and t.zero_stage > 0:
+        out.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     out["zero_allow_untested_optimizer"] = True  # our AdamW is torch's, with a skippable step
     out.setdefault("steps_per_print", NEVER)
     out.setdefault("wall_clock_breakdown", False)
@@ -94,20 +106,53 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext, ds: 
     """(engine, our AdamW inside it, scheduler)."""
     import deepspeed
 
-    if cfg.training.bf16 and not bf16_supported():
-        from moc_megatron.training.metrics import warn0
+    from moc_megatron.training.metrics import warn0
 
+    if cfg.training.bf16 and not bf16_supported():
         warn0("--bf16: this device has no bf16; training in fp32")
+    elif cfg.training.bf16 and cfg.training.zero_stage == 0:
+        warn0("--bf16 --zero-stage 0: DeepSpeed accumulates gradients in bf16 under ZeRO 0 (fp32 needs ZeRO 1 or 2, "
+              "which cost nothing extra at one data-parallel rank)")
+    if torch.cuda.is_available():  # the engine would move it too; on the GPU first, AdamW can be fused
+        model.to(torch.device("cuda", torch.cuda.current_device()))
     groups = optimizer_groups(model, cfg, ctx.ep_size)
     optimizer = build_optimizer(groups, cfg)
     pipeline = isinstance(model, deepspeed.PipelineModule)  # it brings its own grid as the mpu
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx, ds),
-                                           mpu=TensorParallelUnit(ctx) if ctx.tp_size > 1 and not pipeline else None,
-                                           dist_init_required=False)
+    mpu = TensorParallelUnit(ctx) if ctx.tp_size > 1 and not pipeline else None
+    # DeepSpeed's fp16/bf16 wrapper (bf16 under ZeRO 0) steps the optimizer once on zero gradients to make
+    # its state: Adam would count a step (its bias correction shrinks every later update) and decay the weights
+    optimizer.drop_step = True
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx, ds),
+                                               mpu=mpu, dist_init_required=False)
+    finally:
+        optimizer.drop_step = False
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # ZeRO 1/2 drop a step with NaN/inf gradients only when asked (fp32: only when clipping)
         engine.optimizer.check_grad_overflow = True
+    if pipeline:
+        check_stage_groups(engine, cfg, ctx)
     return engine, optimizer, build_scheduler(engine.optimizer, cfg)
+
+
+def check_stage_groups(engine, cfg: Config, ctx: ParallelContext) -> None:
+    """DeepSpeed's ZeRO optimizer reduces the gradient norm over the stages once per optimizer group, so
+    stages holding different groups (one without a memory layer has no memory or bank group) would hang
+    at the first step. Refuse that on every rank. (BF16_Optimizer, bf16 under ZeRO 1, reduces one norm.)"""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        return
+    mine = [f"{g['group']}{'' if g['decay'] else '.no_decay'}{' (chapter shards)' if g.get('moe') else ''}"
+            for g in engine.optimizer.param_groups]
+    stages = [None] * ctx.pp_size
+    dist.all_gather_object(stages, mine, group=ctx.pp_group)
+    if any(s != mine for s in stages):
+        shown = "; ".join(f"stage {i}: {', '.join(s)}" for i, s in enumerate(stages))
+        raise UserError(f"--pipeline-model-parallel-size {ctx.pp_size} --zero-stage {cfg.training.zero_stage}: the "
+                        f"stages hold different optimizer groups ({shown}), and DeepSpeed's ZeRO optimizer would hang "
+                        f"reducing their gradient norms. Put a memory layer on every stage (--memory-layers) or use "
+                        f"--zero-stage 0")
 
 
 class TensorParallelUnit:

@@ -91,7 +91,8 @@ class Throughput:
 
 def router_summary(router: list, count: int, cfg: Config, dp_group) -> list[dict]:
     """Per memory layer over the interval's last step, all data-parallel ranks: entropy (mean), fraction
-    of routed chapters used, max / min chapter load (1 = uniform), usage counts (c,)."""
+    of routed chapters used, max / min chapter load (1 = uniform), usage counts (c,) on the CPU. Reduced
+    on the device the statistics live on (NCCL reduces no CPU tensor)."""
     if not router:
         return []
     n_shared = cfg.memory.shared_chapters
@@ -104,7 +105,7 @@ def router_summary(router: list, count: int, cfg: Config, dp_group) -> list[dict
     routed = usage[:, n_shared:]
     load = routed / routed.mean(1, keepdim=True).clamp(min=1e-12)
     return [{"layer": layer, "entropy": entropy[i].item(), "chapters_used": (routed[i] > 0).double().mean().item(),
-             "max_load": load[i].max().item(), "min_load": load[i].min().item(), "usage": usage[i].long()}
+             "max_load": load[i].max().item(), "min_load": load[i].min().item(), "usage": usage[i].long().cpu()}
             for i, layer in enumerate(cfg.memory.layers)]
 
 
@@ -201,12 +202,13 @@ class Reporter:
 
 
 def _usage_histogram(tb, tag: str, usage: torch.Tensor, it: int) -> None:
-    """Bucket i = how often chapter i was read in the step (x axis: chapter id)."""
-    ids = torch.arange(usage.numel(), dtype=torch.float64)
-    counts = usage.double()
+    """Bucket i = how often chapter i was read in the step (x axis: chapter id). On the CPU, where the
+    ids are and where TensorBoard wants the numbers, whatever device the counts come from."""
+    counts = usage.detach().double().cpu()
+    ids = torch.arange(counts.numel(), dtype=torch.float64)
     total = counts.sum().item()
     if total == 0:
         return
-    tb.add_histogram_raw(tag, min=0.0, max=float(usage.numel() - 1), num=total,
+    tb.add_histogram_raw(tag, min=0.0, max=float(counts.numel() - 1), num=total,
                          sum=(ids * counts).sum().item(), sum_squares=(ids * ids * counts).sum().item(),
                          bucket_limits=(ids + 0.5).tolist(), bucket_counts=counts.tolist(), global_step=it)

@@ -82,8 +82,16 @@ class AdamW(torch.optim.AdamW):
 
 
 def build_optimizer(groups: list[dict], cfg: Config) -> AdamW:
+    """AdamW, fused when every parameter is on a GPU (torch's default elsewhere)."""
     t = cfg.training
-    return AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    fused = {"fused": True} if fused_adamw_fits(groups) else {}
+    return AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay,
+                 **fused)
+
+
+def fused_adamw_fits(groups: list[dict]) -> bool:
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_cuda for p in params)
 
 
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:

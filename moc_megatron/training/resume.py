@@ -62,12 +62,12 @@ def load(engine, scheduler, cfg: Config, ctx) -> tuple[int, int]:
         if not os.path.exists(f):
             raise UserError(f"--load {path}: no {os.path.basename(f)}; it was not saved with --memory-bank-optimizer "
                             "sparse_adam (use --finetune to start from its weights)")
-        bank_optimizer.load_state_dict(torch.load(f, weights_only=False))
+        bank_optimizer.load_state_dict(torch.load(f, map_location="cpu", weights_only=False))
     apply_group_settings(engine.optimizer, cfg)  # this run's learning rates, not the checkpoint's
     scheduler.load_state_dict(client["scheduler"])
     rng = os.path.join(path, f"rng_rank{torch.distributed.get_rank():05d}.pt")
     if os.path.exists(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))  # RNG states are CPU byte tensors
     return client["iteration"], client["consumed_samples"]
 
 

@@ -13,6 +13,11 @@ s counts the optimizer's steps (as torch.optim.SparseAdam and "lazy" Adam do), s
 touched every step the rule is torch.optim.AdamW's exactly. Dense gradients are accepted and treated
 as touching every row.
 
+The moments are fp32 whatever the parameter's dtype, and a bf16 (or fp16) parameter gets an fp32 master
+copy that the update is applied to and that is rounded into the parameter's touched rows: an update
+below bf16's resolution (late in the schedule) accumulates in the master instead of vanishing.
+All of it is in state_dict, in fp32, so a resumed run continues bitwise.
+
 reduce_sparse_grad sums a sparse gradient over a data-parallel or expert-data-parallel group.
 """
 
@@ -48,25 +53,44 @@ class RowSparseAdam(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         rows, g = touched_rows(p.grad)
+        g = g.float()
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if p.dtype != torch.float32:
+                state["master"] = p.detach().float()
         state["step"] += 1
         step = state["step"].item()
         (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
-        w, m, v = (t if rows is None else t.index_select(0, rows) for t in (p, state["exp_avg"], state["exp_avg_sq"]))
+        master = state.get("master", p)
+        full = (master, state["exp_avg"], state["exp_avg_sq"])
+        w, m, v = full if rows is None else (t.index_select(0, rows) for t in full)
         if wd:
             w.mul_(1 - lr * wd)
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(group["eps"])
         w.addcdiv_(m, denom, value=-lr / (1 - b1**step))
-        if rows is not None:  # index_select copied the rows: write them back
-            p.index_copy_(0, rows, w)
-            state["exp_avg"].index_copy_(0, rows, m)
-            state["exp_avg_sq"].index_copy_(0, rows, v)
+        if rows is None:
+            if master is not p:
+                p.copy_(master)
+            return
+        for t, new in zip(full, (w, m, v)):  # index_select copied the rows: write them back
+            t.index_copy_(0, rows, new)
+        if master is not p:
+            p.index_copy_(0, rows, w.to(p.dtype))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the state keeps its saved dtypes (torch casts it to the parameter's: a bf16 bank
+        would lose its fp32 master and moments) and moves to the parameter's device; ``step`` stays on the CPU."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, saved in state_dict["state"].items():
+            p = params[i]
+            self.state[p] = {k: v if not isinstance(v, torch.Tensor) else v.clone() if k == "step"
+                             else v.to(p.device, copy=True) for k, v in saved.items()}
 
 
 def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

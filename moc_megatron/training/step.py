@@ -1,4 +1,8 @@
-"""One optimizer step on the DeepSpeed engine: forward/backward per micro-batch, then the update.
+"""One optimizer step, and one evaluation batch, on the DeepSpeed engine.
+
+``Steps`` is the interface the trainer uses: ``train(batches, iteration)`` and ``evaluate(batches)``.
+``PipelineSteps`` (pipeline_step.py) is the same interface on DeepSpeed's PipelineEngine; ``steps_for``
+picks one, so trainer.py never asks which engine it drives.
 
 DeepSpeed wants ``engine.step()`` after every micro-batch and updates at the accumulation boundary.
 Before that last call the step's losses are averaged over the data-parallel group (one small
@@ -39,37 +43,81 @@ class StepResult:
     grad_norm: float | None                         # before clipping; None when the step was skipped
     lrs: dict                                       # group name -> lr used by this step
     skipped: bool = False
-    router: list = field(default_factory=list)      # per memory layer: {entropy, usage (c,)} summed
+    router: list = field(default_factory=list)      # per memory layer: {entropy, usage (c,)} summed (device)
 
 
-def train_step(engine, optimizer, scheduler, batches, iteration: int, cfg, ctx) -> StepResult:
-    """Run the micro-batches of step ``iteration`` (1-based) and update the weights, or skip."""
-    lrs = group_lrs(engine.optimizer)
-    batches = list(batches)
-    sums, router = None, None
-    for i, batch in enumerate(batches):
-        out = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
-        engine.backward(out.loss)
-        sums = loss_parts(out) if sums is None else sums + loss_parts(out)
-        router = accumulate_router(router, out.router_stats)
-        if i == len(batches) - 1:
-            totals = reduce_parts(sums, len(batches), ctx)
-            norm = zero0_grad_norm(engine)
-            problem = _nonfinite(totals, norm)
-            if problem:
-                apply_nan_policy(cfg, iteration, problem)
-                optimizer.drop_step = True
+def steps_for(engine, optimizer, scheduler, cfg, ctx):
+    """The step/eval interface for this engine: PipelineSteps under pipeline parallelism, else Steps."""
+    if ctx.pp_size > 1:
+        from moc_megatron.training.pipeline_step import PipelineSteps
+
+        return PipelineSteps(engine, scheduler, cfg, ctx)
+    return Steps(engine, optimizer, scheduler, cfg, ctx)
+
+
+class Steps:
+    def __init__(self, engine, optimizer, scheduler, cfg, ctx):
+        self.engine, self.optimizer, self.scheduler, self.cfg, self.ctx = engine, optimizer, scheduler, cfg, ctx
+
+    def train(self, batches, iteration: int) -> StepResult:
+        """Run the micro-batches of step ``iteration`` (1-based) and update the weights, or skip."""
+        engine, optimizer, cfg = self.engine, self.optimizer, self.cfg
+        lrs = group_lrs(engine.optimizer)
+        batches = list(batches)
+        sums, router = None, None
+        for i, batch in enumerate(batches):
+            out = forward(engine, batch)
+            engine.backward(out.loss)
+            sums = loss_parts(out) if sums is None else sums + loss_parts(out)
+            router = accumulate_router(router, out.router_stats)
+            if i == len(batches) - 1:
+                totals = reduce_parts(sums, len(batches), self.ctx)
+                norm = zero0_grad_norm(engine)
+                problem = _nonfinite(totals, norm)
+                if problem:
+                    apply_nan_policy(cfg, iteration, problem)
+                    optimizer.drop_step = True
+            try:
+                engine.step()
+            finally:
+                optimizer.drop_step = False
+        if not problem and not engine.was_step_applied():
+            problem = "a gradient is NaN or inf (the loss was finite)"
+            apply_nan_policy(cfg, iteration, problem)
+        if not problem:
+            self.scheduler.step(1)
+            norm = norm if norm is not None else _float(engine.get_global_grad_norm())
+        return _result(iteration, totals, None if problem else norm, lrs, bool(problem), router, cfg)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> tuple[float, float]:
+        """(lm loss, loss) of one global batch: the mean over its micro-batches and the data-parallel ranks."""
+        self.engine.eval()
         try:
-            engine.step()
+            parts = [loss_parts(forward(self.engine, batch))[:2] for batch in batches]
         finally:
-            optimizer.drop_step = False
-    if not problem and not engine.was_step_applied():
-        problem = "a gradient is NaN or inf (the loss was finite)"
-        apply_nan_policy(cfg, iteration, problem)
-    if not problem:
-        scheduler.step(1)
-        norm = norm if norm is not None else _float(engine.get_global_grad_norm())
-    return _result(iteration, totals, None if problem else norm, lrs, bool(problem), router, cfg)
+            self.engine.train()
+        loss, lm = reduce_parts(torch.stack(parts).sum(0), len(parts), self.ctx).tolist()
+        return lm, loss
+
+
+def forward(engine, batch):
+    out = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+    if torch.is_grad_enabled():
+        hook_backward_prologue(engine, out)
+    return out
+
+
+def hook_backward_prologue(engine, out) -> None:
+    """DeepSpeed starts its per-backward bookkeeping from hooks on the forward's output tensors (in a
+    tuple, list or dict). It finds none in our ModelOutput, so without this BF16_Optimizer (bf16 + ZeRO 1
+    with fp32 accumulation) never clears the previous micro-batch's bf16 gradients and adds them again,
+    and ZeRO never learns the accumulation boundary. Hook the loss the way the engine would."""
+    from deepspeed.runtime.utils import register_output_backward_hooks
+
+    tensors = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+    if out.loss.grad_fn is not None and not any(hasattr(t, "_backward_hook_managers") for t in tensors):
+        register_output_backward_hooks(out.loss, preprocess_once_fn=engine._backward_prologue)
 
 
 def loss_parts(out) -> torch.Tensor:

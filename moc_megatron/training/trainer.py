@@ -1,6 +1,6 @@
 """A training run: build, resume, then steps with logging, evaluation and checkpoints.
 
-    run = train(cfg)         # run.history: one StepResult per step; run.evals: one dict per evaluation
+    run = train(cfg)         # run.history: one StepResult per step (floats); run.evals: one dict per evaluation
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,16 +18,16 @@ from moc_megatron.config import Config
 from moc_megatron.errors import UserError
 from moc_megatron.model.gpt import MoCModel, parameter_groups
 from moc_megatron.model.pipeline import MoCPipeline
+from moc_megatron.ops import backend as ops_backend
 from moc_megatron.parallel.deepspeed_moe import mark_chapter_parallel
-from moc_megatron.parallel.state import ParallelContext, init_distributed, initialize
+from moc_megatron.parallel.state import ParallelContext, bind_local_device, init_distributed, initialize
 from moc_megatron.training import checkpoint
 from moc_megatron.training.bank_optim import BankOptimizer
 from moc_megatron.training.data import build_datasets, micro_batches, step_indices
 from moc_megatron.training.engine import accumulation_steps, adopt_deepspeed_json, build_engine, prepare_deepspeed
 from moc_megatron.training.metrics import Reporter, Throughput, print0, router_summary, step_record, warn0
 from moc_megatron.training.resume import load
-from moc_megatron.training.pipeline_step import eval_lm_loss_pipeline, train_step_pipeline
-from moc_megatron.training.step import StepResult, train_step
+from moc_megatron.training.step import StepResult, steps_for
 
 
 @dataclass
@@ -37,12 +37,13 @@ class Run:
     engine: object
     optimizer: object
     scheduler: object
+    steps: object                       # training/step.py's Steps or PipelineSteps: train() and evaluate()
     train_data: object
     valid_data: object
     iteration: int = 0                  # steps done
     consumed: int = 0                   # training samples read (the data position)
     start_iteration: int = 0
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)   # StepResults without the router tensors
     evals: list = field(default_factory=list)
     skipped_steps: int = 0
     reporter: Reporter | None = None
@@ -68,7 +69,8 @@ def build(cfg: Config) -> Run:
     train_data, valid_data = build_datasets(cfg)
     if cfg.training.eval_interval and valid_data is None:
         warn0(f"--split {cfg.training.split} leaves no validation data: no evaluation")
-    run = Run(cfg, ctx, engine, optimizer, scheduler, train_data, valid_data, bank_optimizer=bank_optimizer)
+    steps = steps_for(engine, optimizer, scheduler, cfg, ctx)
+    run = Run(cfg, ctx, engine, optimizer, scheduler, steps, train_data, valid_data, bank_optimizer=bank_optimizer)
     if cfg.training.load:
         run.iteration, run.consumed = load(engine, scheduler, cfg, ctx)
         run.start_iteration = run.saved_at = run.iteration
@@ -82,8 +84,8 @@ def setup(cfg: Config) -> tuple[ParallelContext, dict]:
     """Join the world, settle and validate the config for it, build the parallel groups, seed.
     Returns the parallel context and the DeepSpeed JSON config."""
     prepare_deepspeed()
-    if torch.cuda.is_available():  # before NCCL starts: one GPU per local rank
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    cuda_settings(cfg)
+    bind_local_device()  # before NCCL starts: one GPU per local rank
     init_distributed()
     ds = adopt_deepspeed_json(cfg, dist.get_world_size())
     cfg.validate(dist.get_world_size())
@@ -91,6 +93,19 @@ def setup(cfg: Config) -> tuple[ParallelContext, dict]:
     ctx = initialize(cfg.parallel)
     seed_everything(cfg.training.seed)
     return ctx, ds
+
+
+def cuda_settings(cfg: Config) -> None:
+    """TF32 matmuls on GPUs; under TP, one hardware queue so that megatron-core's TP communication is
+    ordered before the compute that waits for it (read when the CUDA context starts)."""
+    if cfg.parallel.tensor_model_parallel_size > 1 and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            warn0("CUDA started before CUDA_DEVICE_MAX_CONNECTIONS=1 could be set; set it in the environment "
+                  "(launch_scripts/_common.sh does) for tensor parallelism")
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def wrap(model, cfg: Config, ctx: ParallelContext, ds: dict):
@@ -157,17 +172,14 @@ def one_step(run: Run) -> StepResult:
     cfg, ctx = run.cfg, run.ctx
     indices = step_indices(run.consumed, cfg, ctx)
     batches = micro_batches(run.train_data, indices, run.engine.device)
-    if ctx.pp_size > 1:
-        res = train_step_pipeline(run.engine, run.scheduler, batches, run.iteration + 1, cfg, ctx)
-    else:
-        res = train_step(run.engine, run.optimizer, run.scheduler, batches, run.iteration + 1, cfg, ctx)
+    res = run.steps.train(batches, run.iteration + 1)
     run.iteration = res.iteration
     run.comm_bytes = take_comm_bytes(run.engine.module)
     if run.bank_optimizer is not None:
         run.bank_optimizer.step(res.lrs["backbone"], res.skipped)
     run.consumed += cfg.training.global_batch_size
     run.skipped_steps += res.skipped
-    run.history.append(res)
+    run.history.append(replace(res, router=[]))  # the router's device tensors are for log_step only
     return res
 
 
@@ -198,19 +210,12 @@ def take_comm_bytes(module) -> tuple[int, int]:
 def evaluate(run: Run) -> dict:
     """Mean lm loss (and total loss) over --eval-iters global batches of the validation split."""
     started = time.perf_counter()
-    cfg, ctx, engine = run.cfg, run.ctx, run.engine
-    engine.eval()
-    sums, n = torch.zeros(2, dtype=torch.float64, device=engine.device), 0
+    cfg, ctx = run.cfg, run.ctx
+    lm = loss = 0.0
     for k in range(cfg.training.eval_iters):
-        for batch in micro_batches(run.valid_data, step_indices(k * cfg.training.global_batch_size, cfg, ctx),
-                                   engine.device):
-            out = engine(batch["tokens"], batch["labels"], batch["loss_mask"])
-            sums += torch.stack([out.lm_loss.detach(), out.loss.detach()]).double()
-            n += 1
-    engine.train()
-    if ctx.dp_size > 1:
-        dist.all_reduce(sums, group=ctx.dp_group)
-    lm, loss = (sums / (n * ctx.dp_size)).tolist()
+        indices = step_indices(k * cfg.training.global_batch_size, cfg, ctx)
+        lm_k, loss_k = run.steps.evaluate(list(micro_batches(run.valid_data, indices, run.engine.device)))
+        lm, loss = lm + lm_k / cfg.training.eval_iters, loss + loss_k / cfg.training.eval_iters
     rec = {"iteration": run.iteration, "eval_lm_loss": lm, "eval_loss": loss, "eval_ppl": float(np.exp(min(lm, 50)))}
     run.evals.append(rec)
     run.reporter.log_eval(rec)
@@ -237,6 +242,7 @@ def describe(run: Run, model: MoCModel) -> None:
            f"(chapter parallel {ctx.ep_size} within dp); ZeRO {t.zero_stage}; "
            f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
            f"{accumulation_steps(cfg, ctx)} x dp {ctx.dp_size}; {t.global_batch_size * t.seq_length:,} tokens/step; "
-           f"{'bf16' if run.engine.bfloat16_enabled() else 'fp32'} on {run.engine.device}")
+           f"{'bf16' if run.engine.bfloat16_enabled() else 'fp32'} on {run.engine.device}; "
+           f"chapter ops: {ops_backend()}")
     if run.iteration:
         print0(f"resumed from {t.load} at iteration {run.iteration}")
