@@ -3,7 +3,7 @@
 // Built only with -DMOC_WITH_CUDA (setup.py adds it where torch has CUDA).
 #ifdef MOC_WITH_CUDA
 
-#include <ATen/ops/aminmax.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/searchsorted.h>
@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #include "chapter_kernels.cuh"
@@ -42,11 +43,13 @@ void check_on_cuda(const at::Tensor& t, const at::Tensor& like, const char* op) 
               like.device());
 }
 
-// One device sync: the price of a clear IndexError instead of a device-side assert.
+// An asynchronous device assert: the host never waits on the check (a bad id surfaces as a CUDA error
+// at the next sync, as an out-of-range index does in torch's own indexing).
 void check_index_on_device(const at::Tensor& index, int64_t num_rows, const char* op) {
   if (index.numel() == 0) return;
-  const auto lo_hi = at::aminmax(index);
-  check_index_range(std::get<0>(lo_hi).item<int64_t>(), std::get<1>(lo_hi).item<int64_t>(), num_rows, op);
+  const std::string msg = std::string(op) + ": a chapter id is out of range for a table of " +
+                          std::to_string(num_rows) + " rows";
+  at::_assert_async(index.ge(0).logical_and(index.lt(num_rows)).all(), msg);
 }
 
 void check_launch(cudaError_t err, const char* op) {
