@@ -24,7 +24,7 @@ def naive_memory_branch(p, h, h_in, bank, valid, cfg):
     out = torch.zeros_like(h)
     unit_probs, unit_routed, unit_logits = [], [], []
     for bi in range(b):
-        for j in range(s // c_len):
+        for j in range(-(-s // c_len)):  # the last chunk may be shorter
             # --- pooling: which positions this unit's router may see
             if mem.routing_unit == "sequence":
                 ctx_pos = [t for t in range(s) if valid is None or valid[bi, t]]
@@ -64,7 +64,7 @@ def naive_memory_branch(p, h, h_in, bank, valid, cfg):
             # --- attention
             hq = h[bi, j * c_len:(j + 1) * c_len]
             hq = hq / torch.sqrt(hq.pow(2).mean(-1, keepdim=True) + eps) * p["norm_w"]
-            q = (hq @ p["wq"].T).view(c_len, mem.num_heads, e)
+            q = (hq @ p["wq"].T).view(hq.shape[0], mem.num_heads, e)
             k = (x @ p["wk"].T).view(-1, mem.num_kv_heads, e)
             v = (x @ p["wv"].T).view(-1, mem.num_kv_heads, e)
             rep = mem.num_heads // mem.num_kv_heads
@@ -100,7 +100,11 @@ CASES = {
     "rolling": dict(pooling="rolling", rolling_window=3, top_k=2),
     "chunk": dict(routing_unit="chunk", routing_chunk=4, top_k=2),
     "chunk_shared_only": dict(routing_unit="chunk", routing_chunk=4, first_chunk="shared_only", top_k=3),
+    "chunk_ragged": dict(routing_unit="chunk", routing_chunk=4, top_k=2),
+    "chunk_ragged_gqa": dict(routing_unit="chunk", routing_chunk=4, first_chunk="shared_only", top_k=3,
+                             num_heads=4, num_kv_heads=2),
 }
+LENGTH = {"chunk_ragged": 7, "chunk_ragged_gqa": 6}  # a last chunk of 3 or 2 positions (generation reads these)
 
 
 def tiny_cfg(**memory):
@@ -122,7 +126,7 @@ def test_memory_branch_matches_naive_reference(ctx, case, padded):
         bank = MemoryBank(cfg, 0.5)
         torch.nn.init.normal_(branch.memory_attn.o_proj.weight, std=0.2)  # zero init would hide gradients
         torch.nn.init.normal_(branch.router.proj.weight, std=0.5)          # distinct routing per unit
-    b, s = 3, 8
+    b, s = 3, LENGTH.get(case, 8)
     h_in = torch.randn(b, s, 16, requires_grad=True)
     h = torch.randn(b, s, 16, requires_grad=True)
     valid = None
