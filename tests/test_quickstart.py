@@ -21,5 +21,8 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path):
     assert summary["moc_eval_lm_loss"][-1] < summary["moc_eval_lm_loss"][0]
     assert "max |logit difference|" in first.stdout and "verify: causal" in first.stdout
     assert (tmp_path / "hf" / "moc-tiny-ift" / "tokenizer.json").exists()
+    for name in ("moc", "vanilla"):  # lm-eval on the local task, both models
+        assert 0.0 <= summary["local_task"][name]["acc"] <= 1.0, summary["local_task"]
+    assert "local task accuracy (vanilla)" in first.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("(reusing") >= 7
+    assert again.returncode == 0 and again.stdout.count("(reusing") >= 9

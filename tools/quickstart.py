@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SCALE = {  # stage sizes: full demo (< 15 min on 2 CPU cores) and the test's --quick
-    "full": {"iters": 250, "ift_iters": 40, "eval_interval": 50, "seq": 128, "docs": 0},
-    "quick": {"iters": 6, "ift_iters": 2, "eval_interval": 3, "seq": 64, "docs": 400},
+    "full": {"iters": 250, "ift_iters": 40, "eval_interval": 50, "seq": 128, "docs": 0, "eval_limit": None},
+    "quick": {"iters": 6, "ift_iters": 2, "eval_interval": 3, "seq": 64, "docs": 400, "eval_limit": 4},
 }
 
 
@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     ift = stage_ift(out, chat, tokenizer, scale)
     hf = stage_export(out, ift, tokenizer)
     completion = stage_generate(hf)
-    summary(out, moc, vanilla, hf, completion, time.time() - started)
+    scores = stage_evaluate(out, {"moc": out / "checkpoints" / "moc", "vanilla": out / "checkpoints" / "vanilla"},
+                            tokenizer, scale)
+    summary(out, moc, vanilla, hf, completion, time.time() - started, scores)
     return 0
 
 
@@ -185,25 +187,48 @@ def stage_generate(hf: Path) -> str:
     return text
 
 
+def stage_evaluate(out: Path, checkpoints: dict, tokenizer: Path, scale: dict) -> dict:
+    """lm-eval's accuracy on the local multiple-choice task (tools/eval_tasks), per pretrained model."""
+    scores = {}
+    for name, ckpt in checkpoints.items():
+        results = out / "eval" / name
+        if not stage(f"6/7 evaluate {name} on the local task (lm-eval, moc_pydoc_mc)", results / "done"):
+            limit = ["--limit", scale["eval_limit"]] if scale["eval_limit"] else []
+            run(py("tools/evaluate.py", "--checkpoint", ckpt, "--tokenizer-model", tokenizer, "--tasks",
+                   "moc_pydoc_mc", "--batch-size", 8, "--output-path", results, *limit),
+                out / "logs" / f"eval-{name}.log")
+            (results / "done").touch()
+        found = sorted(results.rglob("results_*.json"))
+        if found:
+            task = json.loads(found[-1].read_text())["results"]["moc_pydoc_mc"]
+            scores[name] = {k.split(",")[0]: v for k, v in task.items() if k.split(",")[0] in ("acc", "acc_norm")}
+    return scores
+
+
 def eval_losses(log: Path) -> list:
     if not log.exists():
         return []
     return [r["eval_lm_loss"] for r in map(json.loads, log.read_text().splitlines()) if "eval_lm_loss" in r]
 
 
-def summary(out: Path, moc: Path, vanilla: Path, hf: Path, completion: str, seconds: float) -> None:
+def summary(out: Path, moc: Path, vanilla: Path, hf: Path, completion: str, seconds: float,
+            scores: dict) -> None:
     m, v = eval_losses(moc), eval_losses(vanilla)
     print("\n=== 7/7 summary")
     print(f"  validation lm loss   first    last")
     for name, vals in (("MoC (EP=2, chunk)", m), ("vanilla, same FLOPs", v)):
         if vals:
             print(f"  {name:20s} {vals[0]:7.3f} {vals[-1]:7.3f}")
+    for name, score in scores.items():
+        print(f"  local task accuracy ({name}): acc {score.get('acc', float('nan')):.3f}, "
+              f"acc_norm {score.get('acc_norm', float('nan')):.3f} (chance 0.25)")
     print(f"  artefacts under {out}: corpus/ tokenizer/ data/ checkpoints/ logs/ tensorboard/ hf/")
     print(f"  Hugging Face model: {hf}")
     print(f"  TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     print(f"  finished in {seconds / 60:.1f} min")
     (out / "summary.json").write_text(json.dumps({"moc_eval_lm_loss": m, "vanilla_eval_lm_loss": v,
-                                                  "completion": completion, "hf": str(hf)}, indent=1))
+                                                  "completion": completion, "hf": str(hf), "local_task": scores},
+                                                 indent=1))
 
 
 if __name__ == "__main__":
