@@ -113,6 +113,13 @@ class TrainingConfig:
     load: Optional[str] = opt(None, "Checkpoint directory to resume from.")
     keep_last: int = opt(0, "Keep only the newest K checkpoints; 0 keeps all.")
     finetune: bool = opt(False, "With --load: take weights only (new optimizer, schedule and data position).")
+    exit_interval: Optional[int] = opt(None, "Stop (saving with --save, exit 0) after the step whose iteration "
+                                       "is a multiple of N.")
+    exit_duration_in_mins: Optional[float] = opt(None, "Stop (saving with --save, exit 0) at the first step boundary "
+                                                 "M minutes after the trainer started in this job.")
+    exit_signal_handler: bool = opt(False, "On --exit-signal, finish the step, save (with --save) and exit 0.")
+    exit_signal: str = opt("SIGTERM", "The signal of --exit-signal-handler (SIGUSR1 for SLURM's --signal).",
+                           ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"))
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.")
     log_interval: int = opt(10, "Print and log every N steps.")
     log_jsonl: Optional[str] = opt(None, "Write one JSON object per logged step and evaluation.")
@@ -319,6 +326,10 @@ def _check_training(cfg: Config) -> None:
         _fail("lr-warmup-iters", t.lr_warmup_iters, f"longer than --lr-decay-iters={t.lr_decay_iters}")
     if t.min_lr > t.lr:
         _fail("min-lr", t.min_lr, f"above --lr={t.lr}")
+    if t.exit_interval is not None and t.exit_interval < 1:
+        _fail("exit-interval", t.exit_interval, "must be at least 1")
+    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
+        _fail("exit-duration-in-mins", t.exit_duration_in_mins, "must be positive")
     if t.freeze_memory_bank and not cfg.has_memory:
         _fail("freeze-memory-bank", True, "the model has no memory bank")
     if cfg.has_memory and cfg.memory.routing_unit == "chunk" and t.seq_length % cfg.memory.routing_chunk:

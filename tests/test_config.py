@@ -113,7 +113,8 @@ FLAGS = """
 --lr-decay-style --lr-decay-iters --lr-wsd-decay-iters --memory-layer-lr --memory-bank-lr --freeze-memory-bank
 --memory-bank-optimizer --weight-decay --adam-beta1 --adam-beta2 --adam-eps --clip-grad --bf16 --seed
 --data-path --split --mock-data --eval-interval --eval-iters --save --save-interval --load --keep-last
---finetune --tensorboard-dir --log-interval --log-jsonl --peak-tflops --zero-stage --deepspeed-config
+--finetune --exit-interval --exit-duration-in-mins --exit-signal-handler --exit-signal
+--tensorboard-dir --log-interval --log-jsonl --peak-tflops --zero-stage --deepspeed-config
 --nan-policy --tokenizer-type --tokenizer-model --chat-data --chat-pack
 """
 

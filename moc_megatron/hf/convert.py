@@ -26,6 +26,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import GenerationConfig, LlamaConfig, PretrainedConfig
 
+from moc_megatron.files import as_umask_allows
 from moc_megatron.hf.configuration_moc import MoCConfig
 
 HF_PREFIX = "model."
@@ -232,7 +233,7 @@ def save_hf(full_state_dict: dict, cfg_dict: dict, out_dir: str | Path, tokenize
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+    as_umask_allows(tmp)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         config = hf_config(cfg_dict)
         config.dtype = DTYPES[dtype]
@@ -278,6 +279,7 @@ def _write_weights(weights: dict, out: Path, max_shard_size) -> None:
                                                max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
         save_file({n: weights[n] for n in names}, out / filename, metadata={"format": "pt"})
+        as_umask_allows(out / filename)  # safetensors writes through a private (0600) temporary file
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
                  "weight_map": split.tensor_to_filename}

@@ -6,18 +6,27 @@ Layout of --save DIR:
                         layout), config.yaml (for people)
     DIR/latest          the tag of the newest complete checkpoint
 
-A checkpoint is written under iter_N.tmp, renamed to iter_N when every rank has finished, and only then
-named in ``latest``; a run killed mid-save leaves ``latest`` on the previous good one (and a .tmp
-directory that the next save removes). --keep-last K deletes all but the newest K afterwards.
+A checkpoint is written under iter_N.tmp, flushed to disk, renamed to iter_N when every rank has
+finished, and only then named in ``latest``; a run killed (even by SIGKILL) at any moment of a save
+leaves ``latest`` naming a complete checkpoint, and leftovers (.tmp, .old, .del) that the next save
+removes. Saving over an iter_N that ``latest`` names moves the old one to iter_N.old first, which
+latest_tag() reads until the new one is in place. --keep-last K deletes all but the newest K afterwards,
+never the one ``latest`` names.
+
+Test hook: MOC_TEST_PAUSE_IN_SAVE=<point>[@<iteration>] makes the save write the file
+$MOC_TEST_PAUSE_MARKER (default DIR/.paused-<point>) at that point and sleep, to be killed there
+(tests/test_crash_safe_save.py). Points, in order: model, optimizer, meta, latest, prune.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -29,7 +38,9 @@ from moc_megatron.errors import UserError
 from moc_megatron.training.bank_io import local_banks, save_banks, writes_bank
 
 TAG = re.compile(r"^iter_(\d{7})$")
+LEFTOVER = re.compile(r"^iter_\d{7}\.(tmp|old|del)$")
 META = "moc_checkpoint.json"
+PAUSE_POINTS = ("model", "optimizer", "meta", "latest", "prune")
 
 
 def tag_of(iteration: int) -> str:
@@ -43,10 +54,12 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
     tmp = f"{tag}.tmp"
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(os.path.join(root, tmp), ignore_errors=True)
+        remove_leftovers(root)
     _barrier()
     client = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
-    engine.save_checkpoint(root, tag=tmp, client_state=client, save_latest=False)
+    with _pause_before_optimizer_states(engine, root, iteration):
+        engine.save_checkpoint(root, tag=tmp, client_state=client, save_latest=False)
+    _pause("optimizer", root, iteration)
     torch.save(rng_state(), os.path.join(root, tmp, f"rng_rank{_rank():05d}.pt"))
     save_bank_shards(getattr(engine, "module", None), ctx, os.path.join(root, tmp))
     bank_optimizer = getattr(engine, "moc_bank_optimizer", None)
@@ -55,7 +68,10 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
     _barrier()
     if _rank() == 0:
         _write_meta(os.path.join(root, tmp), cfg, ctx, iteration, origin)
-        _publish(root, tmp, tag)
+        _sync_tree(os.path.join(root, tmp))
+        _pause("meta", root, iteration)
+        _publish(root, tmp, tag, iteration)
+        _pause("prune", root, iteration)
         prune(root, cfg.training.keep_last)
     _barrier()
     return os.path.join(root, tag)
@@ -70,12 +86,27 @@ def save_bank_shards(module, ctx, path: str) -> None:
         save_banks(banks, path, write_shared=ctx.ep_rank == 0)
 
 
-def _publish(root: str, tmp: str, tag: str) -> None:
-    final = os.path.join(root, tag)
-    if os.path.exists(final):
-        shutil.rmtree(final)
+def _publish(root: str, tmp: str, tag: str, iteration: int) -> None:
+    """Rename tmp to tag, then name it in ``latest``; each step leaves latest_tag() a complete checkpoint."""
+    final, aside = os.path.join(root, tag), os.path.join(root, f"{tag}.old")
+    if os.path.exists(final):  # a re-save of this iteration: keep the old one readable until the new is in place
+        os.rename(final, aside)
     os.rename(os.path.join(root, tmp), final)
+    _sync_dir(root)
+    _pause("latest", root, iteration)
     atomic_write(os.path.join(root, "latest"), tag)
+    _remove(aside)
+
+
+def remove_leftovers(root: str) -> None:
+    """Clear what interrupted saves left: remove iter_N.tmp and iter_N.del; put an iter_N.old back as
+    iter_N when the save that moved it aside died before renaming the new one in (else remove it)."""
+    for name in sorted(os.listdir(root)):
+        m = LEFTOVER.match(name)
+        if m and m[1] == "old" and not os.path.exists(os.path.join(root, name[:-4])):
+            os.rename(os.path.join(root, name), os.path.join(root, name[:-4]))
+        elif m:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def atomic_write(path: str, text: str) -> None:
@@ -84,6 +115,40 @@ def atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    _sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_tree(path: str) -> None:
+    """fsync every file under path, then the directories, so a rename never publishes unwritten data
+    (a killed process loses nothing the kernel has; a crashed node loses what it had not flushed)."""
+    for folder, _, names in os.walk(path):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(folder)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    """Delete a directory by first renaming it out of the checkpoint names (a kill mid-delete leaves iter_N.del)."""
+    if not os.path.exists(path):
+        return
+    doomed = re.sub(r"(\.old)?$", ".del", path, count=1)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _write_meta(path: str, cfg: Config, ctx, iteration: int, origin: str | None = None) -> None:
@@ -102,19 +167,31 @@ def prune(root: str, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all)."""
     if keep_last <= 0:
         return
+    current = _read_latest(root)
     tags = sorted(d for d in os.listdir(root) if TAG.match(d) and os.path.isdir(os.path.join(root, d)))
     for old in tags[:-keep_last]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        if old != current:
+            _remove(os.path.join(root, old))
 
 
 def latest_tag(root: str) -> str:
-    path = os.path.join(root, "latest")
-    if not os.path.isfile(path):
+    """The tag ``latest`` names: iter_N, or iter_N.old while a re-save of iteration N is being published."""
+    tag = _read_latest(root)
+    if tag is None:
         raise UserError(f"--load {root}: no 'latest' file there; point --load at a directory written by --save")
-    tag = open(path).read().strip()
+    if not os.path.isdir(os.path.join(root, tag)) and os.path.isfile(os.path.join(root, f"{tag}.old", META)):
+        return f"{tag}.old"
     if not os.path.isdir(os.path.join(root, tag)):
         raise UserError(f"--load {root}: 'latest' names {tag}, which does not exist")
     return tag
+
+
+def _read_latest(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def rng_state() -> dict:
@@ -130,6 +207,41 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _pause(point: str, root: str, iteration: int) -> None:
+    """Test hook (see the module docstring): mark, then sleep until killed."""
+    want = os.environ.get("MOC_TEST_PAUSE_IN_SAVE")
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name != point or (at and int(at) != iteration):
+        return
+    marker = os.environ.get("MOC_TEST_PAUSE_MARKER") or os.path.join(root, f".paused-{point}")
+    with open(f"{marker}.rank{_rank()}", "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def _pause_before_optimizer_states(engine, root: str, iteration: int):
+    """Test hook: the "model" point, after DeepSpeed wrote the model states and before the ZeRO optimizer
+    states (one DeepSpeed call writes both; without ZeRO both are in the model file)."""
+    if not os.environ.get("MOC_TEST_PAUSE_IN_SAVE") or not hasattr(engine, "_save_zero_checkpoint"):
+        yield
+        return
+    original = engine._save_zero_checkpoint
+
+    def pause_then_save(*args, **kwargs):
+        _pause("model", root, iteration)
+        return original(*args, **kwargs)
+
+    engine._save_zero_checkpoint = pause_then_save
+    try:
+        yield
+    finally:
+        del engine._save_zero_checkpoint  # the instance attribute: the method shows through again
 
 
 def _rank() -> int:

@@ -31,6 +31,15 @@ RESUME_FIELDS = {
 }
 
 
+def first_start(cfg: Config) -> bool:
+    """--load names the --save directory and it holds no checkpoint yet: the first start of a job that
+    requeues itself with the same flags (launch_scripts/slurm.sbatch) begins at iteration 0."""
+    t = cfg.training
+    return (t.load is not None and t.save is not None and not t.finetune
+            and os.path.abspath(t.load) == os.path.abspath(t.save)
+            and not os.path.exists(os.path.join(t.load, "latest")))
+
+
 def load(engine, scheduler, cfg: Config, ctx) -> tuple[int, int]:
     """(iteration, consumed samples) to continue from; (0, 0) with --finetune."""
     t = cfg.training

@@ -1,6 +1,7 @@
 """A training run: build, resume, then steps with logging, evaluation and checkpoints.
 
     run = train(cfg)         # run.history: one StepResult per step (floats); run.evals: one dict per evaluation
+                             # run.exit_reason: why it stopped before --train-iters (exit.py), else None
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from moc_megatron.training import checkpoint
 from moc_megatron.training.bank_optim import BankOptimizer
 from moc_megatron.training.data import build_datasets, micro_batches, step_indices
 from moc_megatron.training.engine import accumulation_steps, adopt_deepspeed_json, build_engine, prepare_deepspeed
+from moc_megatron.training.exit import Exits
 from moc_megatron.training.metrics import Reporter, Throughput, print0, router_summary, step_record, warn0
-from moc_megatron.training.resume import load
+from moc_megatron.training.resume import first_start, load
 from moc_megatron.training.step import StepResult, steps_for
 
 
@@ -51,19 +53,34 @@ class Run:
     saved_at: int = -1
     comm_bytes: tuple = (0, 0)          # chapter all-to-all bytes (sent, received) of the last step
     bank_optimizer: object = None       # --memory-bank-optimizer sparse_adam
+    exits: Exits | None = None          # --exit-interval, --exit-duration-in-mins, --exit-signal-handler
+    exit_reason: str | None = None      # why the run stopped before --train-iters
 
 
 def train(cfg: Config) -> Run:
-    run = build(cfg)
+    started = time.monotonic()  # --exit-duration-in-mins counts from here: this process's start of training
+    run = build(cfg, started)
     try:
         loop(run)
     finally:
+        run.exits.close()
         run.reporter.close()
     return run
 
 
-def build(cfg: Config) -> Run:
+def build(cfg: Config, started: float | None = None) -> Run:
     ctx, ds = setup(cfg)
+    exits = Exits(cfg, started)  # the signal handler covers the model build, DeepSpeed's start and --load
+    try:
+        run = assemble(cfg, ctx, ds)
+    except BaseException:
+        exits.close()
+        raise
+    run.exits = exits
+    return run
+
+
+def assemble(cfg: Config, ctx: ParallelContext, ds: dict) -> Run:
     model = build_model(cfg, ctx)
     engine, optimizer, scheduler, bank_optimizer = wrap(model, cfg, ctx, ds)
     train_data, valid_data = build_datasets(cfg)
@@ -71,7 +88,9 @@ def build(cfg: Config) -> Run:
         warn0(f"--split {cfg.training.split} leaves no validation data: no evaluation")
     steps = steps_for(engine, optimizer, scheduler, cfg, ctx)
     run = Run(cfg, ctx, engine, optimizer, scheduler, steps, train_data, valid_data, bank_optimizer=bank_optimizer)
-    if cfg.training.load:
+    if cfg.training.load and first_start(cfg):
+        print0(f"--load {cfg.training.load}: no checkpoint there yet (it is also --save): starting at iteration 0")
+    elif cfg.training.load:
         run.iteration, run.consumed = load(engine, scheduler, cfg, ctx)
         run.start_iteration = run.saved_at = run.iteration
     run.reporter = Reporter(cfg)
@@ -153,7 +172,7 @@ def seed_everything(seed: int) -> None:
 
 def loop(run: Run) -> None:
     t = run.cfg.training
-    while run.iteration < t.train_iters:
+    while run.iteration < t.train_iters and run.exit_reason is None:
         res = one_step(run)
         if res.iteration % t.log_interval == 0 or res.iteration == t.train_iters:
             log_step(run, res)
@@ -162,10 +181,17 @@ def loop(run: Run) -> None:
             evaluate(run)
         if t.save and t.save_interval and res.iteration % t.save_interval == 0:
             save(run)
+        if res.iteration < t.train_iters:
+            run.exit_reason = run.exits.check(res.iteration, run.engine.device)
     if t.save and run.saved_at != run.iteration:
         save(run)
     dist.barrier()  # no rank leaves while another still talks to it
-    print0(f"done: {run.iteration} iterations, {run.skipped_steps} skipped")
+    if run.exit_reason is not None:
+        saved = f"checkpoint {checkpoint.tag_of(run.iteration)} in {t.save}" if t.save else "nothing saved (no --save)"
+        print0(f"stopped at iteration {run.iteration} of {t.train_iters}: {run.exit_reason}; {saved}; "
+               f"{run.skipped_steps} skipped; resume with --load")
+    else:
+        print0(f"done: {run.iteration} iterations, {run.skipped_steps} skipped")
 
 
 def one_step(run: Run) -> StepResult:
