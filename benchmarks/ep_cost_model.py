@@ -33,7 +33,7 @@ e head dim, k routed top-k, t tokens per chapter, X activation bytes (2 bf16, 4 
 
 All numbers are bytes per rank per memory layer; per step multiply by memory layers x accumulation.
 With --recompute-activations the forward exchange reruns in backward (logged twice). The trainer also
-counts evaluation forwards into the next training step's log, so --check runs with --eval-interval 0.
+leaves evaluation forwards out of the step records; the EP=2 check evaluates every step to show it.
 """
 
 from __future__ import annotations
@@ -319,7 +319,8 @@ BASE_FLAGS = ["--config", str(ROOT / "configs" / "train" / "moc-tiny.yaml"), "--
 CHECK_CASES = {
     "ep2_sequence_forced": dict(world=2, mode="forced", flags=[
         "--expert-model-parallel-size", "2", "--memory-top-k", "13", "--memory-routing-unit", "sequence",
-        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2"]),
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "2",
+        "--eval-interval", "1", "--eval-iters", "1"]),  # evaluation's traffic must stay out of the step's log
     "ep2_sequence_forced_recompute": dict(world=2, mode="forced", flags=[
         "--expert-model-parallel-size", "2", "--memory-top-k", "13", "--memory-routing-unit", "sequence",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1", "--recompute-activations"]),

@@ -242,6 +242,7 @@ def evaluate(run: Run) -> dict:
         indices = step_indices(k * cfg.training.global_batch_size, cfg, ctx)
         lm_k, loss_k = run.steps.evaluate(list(micro_batches(run.valid_data, indices, run.engine.device)))
         lm, loss = lm + lm_k / cfg.training.eval_iters, loss + loss_k / cfg.training.eval_iters
+    take_comm_bytes(run.engine.module)  # evaluation's all-to-all traffic is not the next step's
     rec = {"iteration": run.iteration, "eval_lm_loss": lm, "eval_loss": loss, "eval_ppl": float(np.exp(min(lm, 50)))}
     run.evals.append(rec)
     run.reporter.log_eval(rec)
