@@ -207,7 +207,7 @@ def test_moc_eval_on_checkpoint_equals_on_export_and_writes_lm_eval_files(export
     proc = subprocess.run([sys.executable, str(ROOT / "tools/convert_from_hf.py"), "--hf-model", str(hf_dir),
                            "--save", str(ckpt)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}  # set by ctx: accelerate would launch
+    env = dict(os.environ)  # moc-eval drops a stray LOCAL_RANK (ctx sets one) itself
     runs = {}
     for name, source in (("export", ["--hf-model", str(hf_dir)]),
                          ("checkpoint", ["--checkpoint", str(ckpt), "--tokenizer-model", str(sp_model)])):

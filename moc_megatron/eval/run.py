@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -175,6 +176,10 @@ class _NoCustomDatasetAdvice(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if "LOCAL_RANK" in os.environ and "RANK" not in os.environ:
+        # a stray LOCAL_RANK (left by a launcher or a test harness) makes accelerate, under lm-eval,
+        # start torch.distributed, which then fails for want of RANK: moc-eval runs as one process
+        os.environ.pop("LOCAL_RANK")
     try:
         check_args(args)
         try:
