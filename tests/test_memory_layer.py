@@ -216,3 +216,28 @@ def test_recomputing_chapter_kv_gives_identical_gradients_and_keeps_less(ctx, ro
     assert torch.equal(out0, out1)
     assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
     assert kept1 < kept0
+
+
+@pytest.mark.parametrize("pooling", ["mean", "rolling"])
+@pytest.mark.parametrize("routing_unit", ["sequence", "chunk"])
+def test_bf16_pooling_at_seq_4096_is_within_bf16_rounding_of_fp32(routing_unit, pooling):
+    """Pooling and its counts run in fp32 whatever the hidden dtype: bf16 counts are exact only up to 256,
+    so a bf16 prefix count at 4096 positions would be off by whole tokens. What remains is the rounding
+    of the inputs themselves: at most 2^-9 of their magnitude per element, so of any mean of them."""
+    from moc_megatron.model.memory import pool_units
+
+    from moc_megatron.config import load_config
+
+    cfg = load_config(model=dict(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=32),
+                      memory=dict(layers=[0], tokens=12 * 3, chapters=12, top_k=2, routing_unit=routing_unit,
+                                  routing_chunk=128, pooling=pooling, rolling_window=64),
+                      training=dict(seq_length=4096)).validate()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4096, 16, generator=g) + 3.0  # an offset: long sums are where bf16 loses
+    valid = torch.ones(2, 4096, dtype=torch.bool)
+    valid[1, 3000:] = False
+    for mask in (None, valid):
+        r32, act32 = pool_units(h, mask, cfg)
+        r16, act16 = pool_units(h.bfloat16(), mask, cfg)
+        assert r16.dtype == torch.float32 and torch.equal(act16, act32)
+        assert (r16 - r32).abs().max() <= 2.0 ** -9 * h.abs().max()
