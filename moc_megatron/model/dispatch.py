@@ -66,7 +66,7 @@ class PackedAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         out_splits, in_splits = ctx.splits
-        floats = [torch.zeros_like(like.new_empty((sum(out_splits), *like.shape[1:]))) if g is None else g
+        floats = [like.new_zeros((sum(out_splits), *like.shape[1:])) if g is None else g
                   for g, like, f in zip(grads, ctx.likes, ctx.floating) if f]
         sent = _unpack(all_to_all(_pack(floats), in_splits, out_splits, ctx.group),
                        [like for like, f in zip(ctx.likes, ctx.floating) if f])
@@ -91,18 +91,16 @@ class ChapterParallelRead:
         parts = []
         if ns:  # every unit reads every shared chapter: no lookup, the table is the shared bank
             shared = torch.arange(ns, device=q.device)
-            out, lse = self.read.attend(q, lambda: bank.shared_rows(shared), chapters[:, :ns], weights[:, :ns],
-                                        torch.ones_like(chapters[:, :ns], dtype=torch.bool))
+            out, lse = self.read.attend(q, lambda: bank.shared_rows(shared), chapters[:, :ns], weights[:, :ns], None)
             parts.append((torch.arange(q.shape[0], device=q.device), out, lse))
         parts.append(self._routed_part(q, bank, chapters[:, ns:], weights[:, ns:], active))
         return merge_partials(q.shape[0], parts).to(q.dtype)
 
     def _routed_part(self, q, bank, routed, w, active):
         # routed, w: (U, k) global ids and weights of the routed chapters
-        unit_idx, dest, ids, wts, send_max = self._requests(routed, w, active, bank)
-        send = torch.zeros(self.ep_size, dtype=torch.int64, device=q.device).index_add_(
-            0, dest, torch.ones_like(dest))
-        counts = torch.stack([send, send_max])                                # (2, ep): pairs, slots
+        unit_idx, ids, wts, per_pair = self._requests(routed, w, active, bank)
+        send, send_max = (per_pair > 0).sum(0), per_pair.amax(0)              # (ep,) pairs and largest slot count
+        counts = torch.stack([send, send_max])                                # (2, ep)
         recv_counts = all_to_all(counts.T.contiguous(), [1] * self.ep_size, [1] * self.ep_size, self.group)
         sizes = torch.cat([send, recv_counts.reshape(-1)]).tolist()           # the one host read
         send_l, recv_l = sizes[: self.ep_size], sizes[self.ep_size :][0::2]
@@ -117,8 +115,8 @@ class ChapterParallelRead:
 
     def _requests(self, routed, w, active, bank):
         """(unit, owner) pairs with routed slots on that owner, grouped by owner, and each pair's slots:
-        unit_idx, dest (p,), ids (p, k) global ids (-1 past the pair's count), weights (p, k), and per
-        owner the largest slot count sent to it (ep,)."""
+        unit_idx (p,), ids (p, k) global ids (-1 past the pair's count), weights (p, k), and the slot
+        count of every (unit, owner) (U, ep), zero for units that do not route."""
         U, k = routed.shape
         owner = (routed - bank.n_shared) // bank.routed.shape[0]              # (U, k)
         order = owner.argsort(dim=1, stable=True)                            # a pair's slots side by side
@@ -134,9 +132,7 @@ class ChapterParallelRead:
         pos = (start[:, None] + slot[None]).clamp(max=k - 1)
         ids = torch.where(real, routed[unit_idx[:, None], pos], -1)
         wts = torch.where(real, w[unit_idx[:, None], pos], 0.0)
-        send_max = torch.zeros(self.ep_size, dtype=torch.int64, device=routed.device).scatter_reduce(
-            0, dest, count, "amax")
-        return unit_idx, dest, ids, wts, send_max
+        return unit_idx, ids, wts, per_pair
 
     def _own_read(self, q, bank, ids, w):
         """The owner's partial read: q (p, c, h, e), ids, w (p, n) with -1 marking empty slots."""
