@@ -51,8 +51,8 @@ def _losses(path) -> dict:
 
 def _complete(path: str) -> bool:
     names = set(os.listdir(path)) if os.path.isdir(path) else set()
-    return ({checkpoint.META, "mp_rank_00_model_states.pt", "rng_rank00000.pt"} <= names
-            and any(n.endswith("optim_states.pt") for n in names))
+    return ({checkpoint.META, "rng_rank00000.pt"} <= names
+            and all(os.path.isfile(os.path.join(path, d, ".metadata")) for d in ("model", "optim")))
 
 
 # after the kill at iteration 2's save: the checkpoint `latest` must name
@@ -78,7 +78,7 @@ def test_run_killed_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_
     out = resumed.communicate(timeout=240)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert f"resumed from {ckpt} at iteration {RESUMES_FROM[point]}" in out
-    names = os.listdir(ckpt)  # besides: DeepSpeed's zero_to_fp32.py scripts
+    names = os.listdir(ckpt)
     assert [n for n in names if n.startswith("iter_")] == ["iter_0000003"], names  # no .tmp, .old or .del left
     killed, again = _losses(tmp_path / "killed.jsonl"), _losses(tmp_path / "resumed.jsonl")
     assert min(again) == RESUMES_FROM[point] + 1

@@ -75,17 +75,17 @@ def test_finetune_takes_the_weights_only(scenarios):
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic save and --keep-last, on a stand-in engine (no DeepSpeed needed)
+# Atomic save and --keep-last, with a stand-in for the state files (no DeepSpeed needed)
 
 
 class FakeEngine:
-    def __init__(self, fail_at: int | None = None):
-        self.fail_at = fail_at
+    def __init__(self, iteration: int, fail_at: int | None = None):
+        self.iteration, self.fail_at = iteration, fail_at
 
-    def save_checkpoint(self, root, tag, client_state, save_latest):
-        os.makedirs(os.path.join(root, tag), exist_ok=True)
-        torch.save(client_state, os.path.join(root, tag, "mp_rank_00_model_states.pt"))
-        if client_state["iteration"] == self.fail_at:
+    def write_state(self, path):
+        os.makedirs(os.path.join(path, "model"), exist_ok=True)
+        torch.save({"iteration": self.iteration}, os.path.join(path, "model", "__0_0.distcp"))
+        if self.iteration == self.fail_at:
             raise KeyboardInterrupt("killed while writing")
 
 
@@ -93,7 +93,11 @@ def _save(root, iteration, keep_last=0, fail_at=None):
     cfg = tiny(save=str(root), keep_last=keep_last)
     ctx = SimpleNamespace(dp_size=1, tp_size=1, pp_size=1, ep_size=1)
     sched = SimpleNamespace(state_dict=lambda: {"num_steps": iteration})
-    return checkpoint.save(FakeEngine(fail_at), sched, cfg, ctx, iteration, iteration * 4)
+    real, checkpoint.write_state = checkpoint.write_state, lambda engine, cfg, ctx, path, pause: engine.write_state(path)
+    try:
+        return checkpoint.save(FakeEngine(iteration, fail_at), sched, cfg, ctx, iteration, iteration * 4)
+    finally:
+        checkpoint.write_state = real
 
 
 def test_run_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, ctx):

@@ -1,13 +1,12 @@
-"""Bank shards in checkpoints, by global chapter id.
+"""Bank shards of checkpoints in the earlier DeepSpeed format, by global chapter id, and this rank's banks.
 
-DeepSpeed writes one copy of the model per TP rank (and per pipeline layer), taken from data-parallel
-rank 0, so the routed chapters of other chapter-parallel (EP) ranks would be lost, and pipeline
-layer files skip tied pass-through layers. Banks are therefore written by us:
+That format (before dist_state) kept the banks out of DeepSpeed's files, which hold data-parallel
+rank 0's copy only (the routed chapters of other chapter-parallel ranks would be lost):
 
     {checkpoint}/bank/bank{j}.shared.pt              (n_shared, t, d)
     {checkpoint}/bank/bank{j}.routed.{a}-{b}.pt      global chapters a .. b-1
 
-and read back at any EP size by chapter id.
+read back at any EP size by chapter id. The current format stores the bank as one global tensor.
 """
 
 from __future__ import annotations
@@ -20,17 +19,6 @@ import torch
 from moc_megatron.errors import UserError
 
 ROUTED = re.compile(r"^bank(\d+)\.routed\.(\d+)-(\d+)\.pt$")
-
-
-def save_banks(banks: dict[int, torch.nn.Module], path: str, write_shared: bool) -> None:
-    """Write this rank's shards. ``banks``: bank index -> MemoryBank of this rank."""
-    os.makedirs(os.path.join(path, "bank"), exist_ok=True)
-    for j, bank in banks.items():
-        first = bank.first_routed
-        last = first + bank.routed.shape[0]
-        torch.save(bank.routed.detach().cpu().clone(), os.path.join(path, "bank", f"bank{j}.routed.{first}-{last}.pt"))
-        if write_shared and bank.shared is not None:
-            torch.save(bank.shared.detach().cpu().clone(), os.path.join(path, "bank", f"bank{j}.shared.pt"))
 
 
 def read_full_bank(path: str, j: int, chapters: int, n_shared: int) -> torch.Tensor:
@@ -81,17 +69,3 @@ def local_banks(module: torch.nn.Module) -> dict[int, torch.nn.Module]:
     if hasattr(module, "tied_modules"):
         return {int(k[4:]): m for k, m in module.tied_modules.items() if k.startswith("bank")}
     return dict(enumerate(getattr(module, "banks", [])))
-
-
-def writes_bank(module: torch.nn.Module, ctx, j: int) -> bool:
-    """One writer per distinct shard: TP rank 0, expert-data-parallel rank 0, first stage holding it."""
-    import torch.distributed as dist
-
-    if ctx.tp_rank != 0:
-        return False
-    if ctx.ep_size > 1 and dist.get_rank(ctx.expert_dp_group) != 0:
-        return False
-    if ctx.ep_size == 1 and ctx.dp_rank != 0:
-        return False
-    tie = getattr(module, "tied_comms", {}).get(f"bank{j}")
-    return tie is None or tie["ranks"][0] == dist.get_rank()

@@ -1,10 +1,14 @@
-"""DeepSpeed checkpoints, written atomically and resumed exactly.
+"""Checkpoints, written atomically, resumed exactly and at any layout.
 
 Layout of --save DIR:
-    DIR/iter_0000100/   DeepSpeed's model + optimizer files, client state (iteration, consumed samples,
-                        scheduler), rng_rank00000.pt per rank, moc_checkpoint.json (resolved config and
-                        layout), config.yaml (for people)
+    DIR/iter_0000100/   model/ and optim/: weights and optimizer states by single-process name and
+                        global shape (torch.distributed.checkpoint; dist_state.py), rng_rank00000.pt per
+                        rank, moc_checkpoint.json (resolved config, the layout that saved it, and the
+                        training state: iteration, consumed samples, LR schedule), config.yaml (for people)
     DIR/latest          the tag of the newest complete checkpoint
+
+Checkpoints of earlier versions (DeepSpeed's mp_rank_* / zero_pp_rank_* files and bank/, no "format" in
+moc_checkpoint.json) still load, at the layout that wrote them (resume.py).
 
 A checkpoint is written under iter_N.tmp, flushed to disk, renamed to iter_N when every rank has
 finished, and only then named in ``latest``; a run killed (even by SIGKILL) at any moment of a save
@@ -20,7 +24,6 @@ $MOC_TEST_PAUSE_MARKER (default DIR/.paused-<point>) at that point and sleep, to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -35,11 +38,11 @@ import yaml
 
 from moc_megatron.config import Config
 from moc_megatron.errors import UserError
-from moc_megatron.training.bank_io import local_banks, save_banks, writes_bank
 
 TAG = re.compile(r"^iter_(\d{7})$")
 LEFTOVER = re.compile(r"^iter_\d{7}\.(tmp|old|del)$")
 META = "moc_checkpoint.json"
+FORMAT = "dcp-1"  # model/ and optim/ by torch.distributed.checkpoint; without it: DeepSpeed's files (same layout only)
 PAUSE_POINTS = ("model", "optimizer", "meta", "latest", "prune")
 
 
@@ -56,18 +59,14 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
         os.makedirs(root, exist_ok=True)
         remove_leftovers(root)
     _barrier()
-    client = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
-    with _pause_before_optimizer_states(engine, root, iteration):
-        engine.save_checkpoint(root, tag=tmp, client_state=client, save_latest=False)
+    os.makedirs(os.path.join(root, tmp), exist_ok=True)
+    train_state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
+    write_state(engine, cfg, ctx, os.path.join(root, tmp), pause=lambda point: _pause(point, root, iteration))
     _pause("optimizer", root, iteration)
     torch.save(rng_state(), os.path.join(root, tmp, f"rng_rank{_rank():05d}.pt"))
-    save_bank_shards(getattr(engine, "module", None), ctx, os.path.join(root, tmp))
-    bank_optimizer = getattr(engine, "moc_bank_optimizer", None)
-    if bank_optimizer is not None:
-        torch.save(bank_optimizer.state_dict(), os.path.join(root, tmp, f"bank_optim_rank{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
-        _write_meta(os.path.join(root, tmp), cfg, ctx, iteration, origin)
+        _write_meta(os.path.join(root, tmp), cfg, ctx, train_state, origin)
         _sync_tree(os.path.join(root, tmp))
         _pause("meta", root, iteration)
         _publish(root, tmp, tag, iteration)
@@ -75,15 +74,6 @@ def save(engine, scheduler, cfg: Config, ctx, iteration: int, consumed_samples: 
         prune(root, cfg.training.keep_last)
     _barrier()
     return os.path.join(root, tag)
-
-
-def save_bank_shards(module, ctx, path: str) -> None:
-    """Banks by global chapter id (bank_io): DeepSpeed keeps only one chapter-parallel rank's shard."""
-    if module is None:
-        return
-    banks = {j: b for j, b in local_banks(module).items() if writes_bank(module, ctx, j)}
-    if banks:
-        save_banks(banks, path, write_shared=ctx.ep_rank == 0)
 
 
 def _publish(root: str, tmp: str, tag: str, iteration: int) -> None:
@@ -151,16 +141,27 @@ def _remove(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _write_meta(path: str, cfg: Config, ctx, iteration: int, origin: str | None = None) -> None:
-    meta = {"iteration": iteration, "config": cfg.to_dict(),
-            "layout": {"dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "pp_size": ctx.pp_size,
-                       "ep_size": ctx.ep_size, "zero_stage": cfg.training.zero_stage}}
+def _write_meta(path: str, cfg: Config, ctx, train_state: dict, origin: str | None = None) -> None:
+    meta = {"format": FORMAT, "iteration": train_state["iteration"], "train_state": train_state,
+            "config": cfg.to_dict(), "layout": layout_of(cfg, ctx)}
     if origin is not None:
         meta["origin"] = origin
     with open(os.path.join(path, META), "w") as f:
         json.dump(meta, f, indent=1)
     with open(os.path.join(path, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def layout_of(cfg: Config, ctx) -> dict:
+    return {"dp_size": ctx.dp_size, "tp_size": ctx.tp_size, "pp_size": ctx.pp_size, "ep_size": ctx.ep_size,
+            "zero_stage": cfg.training.zero_stage}
+
+
+def write_state(engine, cfg: Config, ctx, path: str, pause) -> None:
+    """The weights and optimizer states, layout-free (dist_state); a seam the save tests replace."""
+    from moc_megatron.training import dist_state
+
+    dist_state.save(engine, cfg, ctx, path, pause)
 
 
 def prune(root: str, keep_last: int) -> None:
@@ -222,26 +223,6 @@ def _pause(point: str, root: str, iteration: int) -> None:
         f.write(str(os.getpid()))
     while True:
         time.sleep(1)
-
-
-@contextlib.contextmanager
-def _pause_before_optimizer_states(engine, root: str, iteration: int):
-    """Test hook: the "model" point, after DeepSpeed wrote the model states and before the ZeRO optimizer
-    states (one DeepSpeed call writes both; without ZeRO both are in the model file)."""
-    if not os.environ.get("MOC_TEST_PAUSE_IN_SAVE") or not hasattr(engine, "_save_zero_checkpoint"):
-        yield
-        return
-    original = engine._save_zero_checkpoint
-
-    def pause_then_save(*args, **kwargs):
-        _pause("model", root, iteration)
-        return original(*args, **kwargs)
-
-    engine._save_zero_checkpoint = pause_then_save
-    try:
-        yield
-    finally:
-        del engine._save_zero_checkpoint  # the instance attribute: the method shows through again
 
 
 def _rank() -> int:

@@ -3,9 +3,10 @@
     moc-convert-hf --checkpoint runs/ckpt --output hf/moc-tiny [--iteration N] [--tokenizer-model M]
                    [--dtype bf16|fp16|fp32] [--verify]
 
-TP slices are concatenated on their partition dimension, pipeline layer files renamed by the
-pipeline's spec layout, and bank chapters placed by global chapter id (bank_io). Runs on CPU with
-no distributed launch.
+Checkpoints store the weights at their global shapes (dist_state), read here whole. Checkpoints of
+the earlier DeepSpeed format are merged: TP slices concatenated on their partition dimension, pipeline
+layer files renamed by the pipeline's spec layout, bank chapters placed by global chapter id (bank_io).
+Runs on CPU with no distributed launch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from moc_megatron.errors import UserError
 from moc_megatron.training.bank_io import has_bank_files, read_full_bank
-from moc_megatron.training.checkpoint import META
+from moc_megatron.training import dist_state
+from moc_megatron.training.checkpoint import FORMAT, META
 
 # Column-parallel weights split the output dimension (0), row-parallel the input (1).
 TP_DIM = {"embed_tokens.weight": 0, "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0,
@@ -45,6 +47,8 @@ def resolve_tag(root: str, iteration: int | None) -> str:
 def merged_state_dict(path: str) -> tuple[dict, dict]:
     """(config dict, full single-process state dict) of the checkpoint at ``path``."""
     meta = json.load(open(os.path.join(path, META)))
+    if meta.get("format") == FORMAT:
+        return meta["config"], dist_state.read_full(os.path.join(path, dist_state.MODEL))
     cfg, layout = meta["config"], meta["layout"]
     tp = layout["tp_size"]
     shards = [_stage_files(path, cfg, rank, layout["pp_size"]) for rank in range(tp)]
