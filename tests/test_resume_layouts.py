@@ -265,3 +265,63 @@ def test_stored_tensors_names_a_missing_checkpoint(tmp_path):
 
     with pytest.raises(UserError, match=r"model/\.metadata is missing"):
         stored_tensors(str(tmp_path / "model"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint of the earlier DeepSpeed format (tests/data/deepspeed_format, written by c37bfa7)
+
+OLD = os.path.join(ROOT, "tests", "data", "deepspeed_format")
+
+
+def _old_run(tmp_path, nproc: int, *extra: str):
+    import subprocess
+    import sys
+
+    from test_train_cli import clean_env
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(OLD, "ckpt"), ckpt)
+    log = str(tmp_path / "log.jsonl")
+    flags = open(os.path.join(OLD, "flags.txt")).read().split()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "moc_megatron.train",
+           *flags, *extra, "--load", ckpt, "--log-jsonl", log]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    return proc, {str(r["iteration"]): r for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_earlier_format_resumes_at_its_own_layout(tmp_path):
+    proc, rows = _old_run(tmp_path, 2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = json.load(open(os.path.join(OLD, "expected.json")))["after_resume"]
+    assert sorted(rows) == sorted(expected)
+    for it, want in expected.items():
+        assert rows[it]["loss"] == want["loss"] and rows[it]["grad_norm"] == want["grad_norm"], it
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_earlier_format_at_another_layout_is_refused_by_flag(tmp_path):
+    proc, _ = _old_run(tmp_path, 1, "--expert-model-parallel-size", "1")
+    assert proc.returncode != 0
+    assert "--expert-model-parallel-size is 2 there and 1 here" in proc.stderr and "earlier version" in proc.stderr
+
+
+def test_checkpoint_of_the_earlier_format_still_exports():
+    from moc_megatron.training.export import merged_state_dict
+
+    cfg, state = merged_state_dict(os.path.join(OLD, "ckpt", "iter_0000002"))
+    assert state["banks.0.routed"].shape == (8, 4, 32) and state["banks.0.shared"].shape == (1, 4, 32)
+    assert state["embed_tokens.weight"].shape == (128, 32)
+
+
+def test_new_checkpoints_export_the_same_names_as_the_earlier_format(original):
+    """The HF export reads both; their tensor names agree (layer numbers aside: the configs differ)."""
+    import re
+
+    from moc_megatron.training.export import merged_state_dict
+
+    _, new = merged_state_dict(_tag_dir(original["root"]))
+    _, old = merged_state_dict(os.path.join(OLD, "ckpt", "iter_0000002"))
+    kinds = lambda state: {re.sub(r"^layers\.\d+\.", "layers.*.", k) for k in state}  # noqa: E731
+    assert kinds(new) == kinds(old)
