@@ -7,7 +7,7 @@
                     weights are not fp32, its fp32 ".master"; "bank_optim.<name>.*" the same for
                     RowSparseAdam (--memory-bank-optimizer sparse_adam)
 
-Each directory is one DCP checkpoint (a .metadata file and one __<rank>_0.distcp per writing rank).
+Each directory is one DCP checkpoint (a .metadata file and __<rank>_<i>.distcp files of each writing rank).
 Every rank offers what it holds; DCP writes each chunk once (replicas are deduplicated and spread
 over the ranks holding them) and, on load, reads whichever saved chunks overlap each rank's slice of
 the new layout. So TP, PP, EP, DP and the ZeRO stage may all change between save and load, with no
@@ -36,6 +36,7 @@ from moc_megatron.errors import UserError
 
 MODEL, OPTIM = "model", "optim"
 ADAM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")
+WRITE_THREADS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,17 +123,26 @@ class AdamState:
         return self.inner.state[self.inner.param_groups[i]["params"][0] if self.flat else p]["step"]
 
     def get(self, p) -> dict[str, torch.Tensor]:
+        """Of a weight in fp32, no master: the weight itself is."""
+        keys = ("exp_avg", "exp_avg_sq") + (("master",) if p.dtype != torch.float32 else ())
         if self.flat:
-            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-            out = {"master": safe_get_full_fp32_param(p),
-                   **{k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}}
+            out = {k: self._full(p, None if k == "master" else k) for k in keys}
         else:
-            out = {"master": p.detach(), **{k: self.inner.state[p][k] for k in ("exp_avg", "exp_avg_sq")}}
+            out = {k: p.detach() if k == "master" else self.inner.state[p][k] for k in keys}
         out["step"] = self._step_of(p)
-        if p.dtype == torch.float32:
-            del out["master"]  # the weight itself
         return {k: v.detach().to("cpu", torch.float32) for k, v in out.items()}
+
+    @staticmethod
+    def _full(p, key: str | None) -> torch.Tensor:
+        """The whole (TP-local) fp32 master (key None) or moment of p. Without data-parallel partitioning
+        this rank holds it whole: a view, no collective (the choice is the same on every rank)."""
+        fragment = p._hp_mapping
+        if dist.get_world_size(p._dp_group) == 1 and fragment is not None \
+                and fragment.lp_fragment_address.numel == p.numel():
+            return fragment.get_hp_fragment(key).view(p.shape)
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
 
     def set(self, p, state: dict[str, torch.Tensor]) -> None:
         """``state``: master (fp32), exp_avg, exp_avg_sq (TP-local shape), step (0-d)."""
@@ -279,7 +289,9 @@ def _global_shape(where: tuple | None, p: torch.Tensor) -> tuple[int, ...]:
 def _writer(folder: str):
     from torch.distributed.checkpoint import FileSystemWriter
 
-    return FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
+    # two files per rank, written by two threads: several times faster than one on the paper's model here
+    # (benchmarks/bench_checkpoint.py), since torch.save into DCP's stream wrapper is slow in a single thread
+    return FileSystemWriter(folder, single_file_per_rank=True, sync_files=True, thread_count=WRITE_THREADS)
 
 
 def _read(folder: str, targets: dict[str, torch.Tensor], place: Placement, named, prefix: str | None = None) -> None:
