@@ -78,6 +78,7 @@ def test_run_killed_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_
     out = resumed.communicate(timeout=240)[0]
     assert resumed.returncode == 0, out[-3000:]
     assert f"resumed from {ckpt} at iteration {RESUMES_FROM[point]}" in out
+    assert "saved at TP 1 x PP 1 x EP 1 x DP 1, ZeRO 1; the same layout" in out
     names = os.listdir(ckpt)
     assert [n for n in names if n.startswith("iter_")] == ["iter_0000003"], names  # no .tmp, .old or .del left
     killed, again = _losses(tmp_path / "killed.jsonl"), _losses(tmp_path / "resumed.jsonl")

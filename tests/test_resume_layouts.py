@@ -9,6 +9,8 @@ depends on the gradient's scale only through the moments, which are compared exa
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -97,14 +99,16 @@ def _straight(rank, world_size, layout, root, iters, save_interval, bank):
 def _resumed(rank, world_size, layout, load, iters, bank, save=None):
     from moc_megatron.training.trainer import build, loop
 
-    run = build(_cfg(**layout, load=load, iters=iters, bank=bank, save=save))
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        run = build(_cfg(**layout, load=load, iters=iters, bank=bank, save=save))
     state = _optimizer_state(run)
     try:
         loop(run)
     finally:
         run.exits.close()
         run.reporter.close()
-    return {"start": run.start_iteration, "history": _history(run), "state": state}
+    return {"start": run.start_iteration, "history": _history(run), "state": state, "log": log.getvalue()}
 
 
 def _merge(per_rank: list[dict]) -> dict:
@@ -171,6 +175,7 @@ def test_resume_at_another_layout_follows_the_run_that_never_stopped(original, t
     world, layout, norm_rel = TARGETS[target]
     ranks = run_ranks(_resumed, world, (layout, original["root"], 2 * N, "adamw"), timeout=600)
     assert all(r["start"] == N for r in ranks)
+    assert "saved at TP 2 x PP 1 x EP 2 x DP 2, ZeRO 1; resharding to TP" in ranks[0]["log"], ranks[0]["log"]
     _assert_same_state(_merge([r["state"] for r in ranks]), original["state"])
     for r in ranks:  # every rank logs the same reduced loss and norm
         _assert_follows(r["history"], original["history"], N, norm_rel)
