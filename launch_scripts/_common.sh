@@ -30,3 +30,39 @@ if [[ "$_tp" =~ ^[0-9]+$ ]] && (( _tp > 1 )); then
     export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 fi
 unset _tp _prev _arg
+
+# run_launcher CMD...: run a launcher (torchrun, deepspeed) and hand the stop signals this script gets
+# (TERM, USR1, USR2, INT, HUP) to its training processes (its descendants with RANK set) instead of to
+# the launcher. With --exit-signal-handler each finishes its step, saves and exits 0, and the launcher
+# and this script exit 0 with them (torchrun itself exits 1 after it forwards a signal). Returns the
+# launcher's exit status.
+_descendants() {
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do
+        echo "$child"
+        _descendants "$child"
+    done
+}
+_signal_workers() {  # SIGNAL LAUNCHER_PID; to the launcher itself when no worker runs here (pdsh to other nodes)
+    local pid found=0
+    for pid in $(_descendants "$2"); do
+        if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -q '^RANK='; then
+            kill -s "$1" "$pid" 2>/dev/null || true
+            found=1
+        fi
+    done
+    if (( ! found )); then kill -s "$1" "$2" 2>/dev/null || true; fi
+}
+run_launcher() {
+    "$@" &
+    local launcher=$! rc=0 sig
+    for sig in TERM USR1 USR2 INT HUP; do
+        # shellcheck disable=SC2064  # expand now: the signal and the pid
+        trap "_signal_workers $sig $launcher" "$sig"
+    done
+    while true; do
+        wait "$launcher" && rc=0 || rc=$?
+        kill -0 "$launcher" 2>/dev/null || break  # else a trapped signal interrupted wait: keep waiting
+    done
+    return "$rc"
+}

@@ -20,5 +20,5 @@ source "$(dirname "$0")/_common.sh"
 MASTER_ADDR="${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}"
 SSH_ARGS=()
 if [[ -n "${NO_SSH:-}" ]]; then SSH_ARGS=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK with NO_SSH}"); fi
-exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
+run_launcher "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
     --master_port "${MASTER_PORT:-29500}" "${SSH_ARGS[@]}" --module moc_megatron.train "${CONFIG_ARGS[@]}" "$@"

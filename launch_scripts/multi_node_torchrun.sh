@@ -16,6 +16,6 @@ set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 : "${NNODES:?set NNODES}" "${MASTER_ADDR:?set MASTER_ADDR to one of the nodes}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(gpus_or 1)}"
-exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+run_launcher "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${RDZV_ID:-moc}" \
     -m moc_megatron.train "${CONFIG_ARGS[@]}" "$@"

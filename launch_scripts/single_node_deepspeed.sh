@@ -14,5 +14,5 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 NPROC="${NPROC:-$(gpus_or 2)}"
-exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_addr 127.0.0.1 \
+run_launcher "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_addr 127.0.0.1 \
     --master_port "${MASTER_PORT:-29500}" --module moc_megatron.train "${CONFIG_ARGS[@]}" "$@"

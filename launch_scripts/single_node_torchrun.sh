@@ -15,6 +15,6 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 NPROC="${NPROC:-$(gpus_or 2)}"
-exec "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
+run_launcher "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
     --master-addr 127.0.0.1 --master-port "${MASTER_PORT:-29500}" \
     -m moc_megatron.train "${CONFIG_ARGS[@]}" "$@"

@@ -225,6 +225,27 @@ def test_sigterm_to_torchrun_saves_exits_cleanly_and_resumes_bitwise(tmp_path, s
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_launch_script_saves_exits_0_and_resumes_bitwise(tmp_path, straight):
+    """launch_scripts/single_node_torchrun.sh hands SIGTERM to the training processes, not to torchrun:
+    every worker saves and exits 0, and so do torchrun and the script."""
+    ckpt, log = str(tmp_path / "ckpt"), tmp_path / "first.jsonl"
+    env = clean_env(OMP_NUM_THREADS="1", NPROC="2", MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    first = subprocess.Popen(["bash", "launch_scripts/single_node_torchrun.sh", *TORCHRUN, "--save", ckpt, "--load",
+                              ckpt, "--exit-signal-handler", "--log-jsonl", str(log)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_for_iteration(log, first, 2)
+    first.send_signal(signal.SIGTERM)  # to the script only, not its process group
+    out = _finish(first)
+    assert first.returncode == 0 and "Traceback" not in out, out[-3000:]
+    k = _stopped_at(out)
+    assert 2 <= k < ITERS and checkpoint.latest_tag(ckpt) == checkpoint.tag_of(k)
+    second = _torchrun(["--save", ckpt, "--load", ckpt], tmp_path / "second.jsonl")
+    out = _finish(second)
+    assert second.returncode == 0, out[-3000:]
+    assert {**_losses(log), **_losses(tmp_path / "second.jsonl")} == straight
+
+
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_both(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     proc = _torchrun(["--save", ckpt, "--exit-signal-handler", "--exit-signal", "SIGUSR1"], tmp_path / "log.jsonl")
