@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 3  # save after N steps; the resumed runs take N more
 
 
-def _cfg(tp=1, pp=1, ep=1, zero=1, save=None, load=None, iters=2 * N, save_interval=0, bank="adamw"):
+def _cfg(tp=1, pp=1, ep=1, zero=1, save=None, load=None, iters=2 * N, save_interval=0, bank="adamw", bf16=False):
     return load_config(os.path.join(ROOT, "configs/train/moc-tiny.yaml"),
                        model={"num_layers": 2},
                        memory={"layers": [0, 1], "aux_loss_dp_average": False},
@@ -36,13 +36,13 @@ def _cfg(tp=1, pp=1, ep=1, zero=1, save=None, load=None, iters=2 * N, save_inter
                                  "train_iters": iters, "lr_decay_iters": 3 * N, "lr_warmup_iters": 1,
                                  "lr_decay_style": "cosine", "eval_interval": 0, "log_interval": 1,
                                  "zero_stage": zero, "mock_data": True, "seed": 5, "save": save, "load": load,
-                                 "save_interval": save_interval, "memory_bank_optimizer": bank})
+                                 "save_interval": save_interval, "memory_bank_optimizer": bank, "bf16": bf16})
 
 
 def _optimizer_state(run) -> dict:
     """name -> (placement, {key: tensor}) of this rank's optimizer states, read through DeepSpeed's
     accessors (ZeRO) or torch's AdamW state (ZeRO 0) and RowSparseAdam's, not through dist_state."""
-    from deepspeed.utils import safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from moc_megatron.training.dist_state import Placement, global_parameters
 
@@ -51,14 +51,22 @@ def _optimizer_state(run) -> dict:
     while hasattr(base, "optimizer"):
         base = base.optimizer
     bank = run.bank_optimizer.optimizer.state if run.bank_optimizer is not None else {}
+    wrapper = engine.optimizer  # FP16_UnfusedOptimizer (bf16 under ZeRO 0 here): an fp32 copy per weight
+    copies = {id(lp): hp for lps, hps in zip(getattr(wrapper, "fp16_groups", []), getattr(wrapper, "fp32_groups", []))
+              for lp, hp in zip(lps, hps)}
     place, out = Placement(ctx), {}
     for name, p in global_parameters(engine.module, run.cfg):
         if hasattr(p, "_hp_mapping"):
             state = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            if p.dtype != torch.float32:
+                state["master"] = safe_get_full_fp32_param(p)
+        elif id(p) in copies:
+            hp = copies[id(p)]
+            state = {"master": hp, **{k: base.state[hp][k] for k in ("exp_avg", "exp_avg_sq")}}
         elif p in base.state:
             state = {k: base.state[p][k] for k in ("exp_avg", "exp_avg_sq")}
         elif p in bank:
-            state = {k: bank[p][k] for k in ("exp_avg", "exp_avg_sq")}
+            state = {k: v for k, v in bank[p].items() if k != "step"}
         else:
             continue
         where = place.of(name, p)
@@ -71,7 +79,7 @@ def _history(run) -> list[tuple[float, float]]:
     return [(r.loss, r.grad_norm) for r in run.history]
 
 
-def _straight(rank, world_size, layout, root, iters, save_interval, bank):
+def _straight(rank, world_size, layout, root, iters, save_interval, bank, bf16=False):
     """The run that never stops; saves every save_interval steps, recording the optimizer state then."""
     from moc_megatron.training import checkpoint
     from moc_megatron.training.trainer import train
@@ -90,18 +98,18 @@ def _straight(rank, world_size, layout, root, iters, save_interval, bank):
     build = trainer.build
     trainer.build = lambda cfg, started=None: run_ref.append(build(cfg, started)) or run_ref[-1]
     try:
-        run = train(_cfg(**layout, save=root, iters=iters, save_interval=save_interval, bank=bank))
+        run = train(_cfg(**layout, save=root, iters=iters, save_interval=save_interval, bank=bank, bf16=bf16))
     finally:
         checkpoint.save, trainer.build = real, build
     return {"history": _history(run), "state": at_save}
 
 
-def _resumed(rank, world_size, layout, load, iters, bank, save=None):
+def _resumed(rank, world_size, layout, load, iters, bank, save=None, bf16=False):
     from moc_megatron.training.trainer import build, loop
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        run = build(_cfg(**layout, load=load, iters=iters, bank=bank, save=save))
+        run = build(_cfg(**layout, load=load, iters=iters, bank=bank, save=save, bf16=bf16))
     state = _optimizer_state(run)
     try:
         loop(run)
@@ -124,7 +132,8 @@ def _merge(per_rank: list[dict]) -> dict:
             out[name] = pieces[None][1]
             continue
         dim = next(iter(pieces.values()))[0][0]
-        out[name] = {k: torch.cat([pieces[i][1][k] for i in sorted(pieces)], dim) for k in ("exp_avg", "exp_avg_sq")}
+        keys = next(iter(pieces.values()))[1]
+        out[name] = {k: torch.cat([pieces[i][1][k] for i in sorted(pieces)], dim) for k in keys}
     return out
 
 
@@ -144,6 +153,7 @@ def _assert_follows(resumed: list, straight: list, first: int, norm_rel: float =
 def _assert_same_state(got: dict, want: dict):
     assert got.keys() == want.keys()
     for name in want:
+        assert got[name].keys() == want[name].keys(), name
         for k in want[name]:
             assert torch.equal(got[name][k], want[name][k]), (name, k)
 
@@ -200,6 +210,23 @@ def test_sparse_adam_bank_goes_from_ep2_to_one_process_and_back(tmp_path):
     assert back[0]["start"] == 2 * N
     _assert_follows(back[0]["history"], straight[0]["history"], 2 * N)
     assert back[0]["history"] == back[1]["history"]
+
+
+@pytest.mark.slow
+def test_bf16_fp32_masters_and_moments_carry_over_and_the_same_layout_resumes_bitwise(tmp_path):
+    """bf16 at EP=2 (ZeRO 1, fp32 masters) saved at N: one process under ZeRO 0 (DeepSpeed's
+    BF16_Optimizer) gets the masters and moments bit for bit; EP=2 again continues bitwise."""
+    root = str(tmp_path / "bf16")
+    straight = run_ranks(_straight, 2, ({"ep": 2}, root, 2 * N, N, "adamw", True), timeout=600)
+    _point_latest_at(root, N)
+    saved = _merge([r["state"][N] for r in straight])
+    assert all("master" in state for state in saved.values())
+    one = run_ranks(_resumed, 1, ({"zero": 0}, root, 2 * N, "adamw", None, True), timeout=600)[0]
+    _assert_same_state(_merge([one["state"]]), saved)
+    for (loss, _), (want, _) in zip(one["history"], straight[0]["history"][N:]):
+        assert abs(loss - want) <= 2**-7 * abs(want)  # bf16 at another layout: bf16 resolution
+    again = run_ranks(_resumed, 2, ({"ep": 2}, root, 2 * N, "adamw", None, True), timeout=600)
+    assert again[0]["history"] == straight[0]["history"][N:]
 
 
 # ---------------------------------------------------------------------------------------------
