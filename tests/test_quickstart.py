@@ -24,5 +24,8 @@ def test_quickstart_runs_end_to_end_and_reuses_stages(tmp_path):
     for name in ("moc", "vanilla"):  # lm-eval on the local task, both models
         assert 0.0 <= summary["local_task"][name]["acc"] <= 1.0, summary["local_task"]
     assert "local task accuracy (vanilla)" in first.stdout
+    figure = tmp_path / "quickstart.png"  # validation curves of both models and MoC's chapter usage
+    assert summary["figure"] == str(figure) and f"figure (validation curves, chapter usage): {figure}" in first.stdout
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stdout.count("(reusing") >= 9

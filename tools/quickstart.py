@@ -1,5 +1,6 @@
 """The quickstart (`make demo`): corpus -> tokenizer -> indexed dataset -> MoC and matched vanilla on
-2 ranks -> instruction tuning with the bank frozen -> Hugging Face export with --verify -> generation.
+2 ranks -> instruction tuning with the bank frozen -> Hugging Face export with --verify -> generation
+-> lm-eval on the local task -> a figure (demo_out/quickstart.png: validation curves, chapter usage).
 
     python tools/quickstart.py [--out demo_out] [--quick]
 
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     completion = stage_generate(hf)
     scores = stage_evaluate(out, {"moc": out / "checkpoints" / "moc", "vanilla": out / "checkpoints" / "vanilla"},
                             tokenizer, scale)
-    summary(out, moc, vanilla, hf, completion, time.time() - started, scores)
+    figure = stage_figure(out, {"MoC (EP=2, chunk)": moc, "vanilla, same FLOPs": vanilla}, out / "tensorboard" / "moc")
+    summary(out, moc, vanilla, hf, completion, time.time() - started, scores, figure)
     return 0
 
 
@@ -114,10 +116,17 @@ def stage_dataset(out: Path, corpus: Path, tokenizer: Path) -> Path:
     return data
 
 
+# Causal chunk routing (chunks of 32 tokens), so the exported model generates exactly as it was trained.
+CHUNK_ROUTING = ["--memory-routing-unit", "chunk", "--memory-routing-chunk", 32]
+# Instruction tuning's peak learning rates (backbone, memory layers), 10x the paper's recipe
+# (configs/train/moc-paper-ift.yaml) for this short run; the floor is 0.1x the peak.
+IFT_LRS = ["--lr", "3e-4", "--min-lr", "3e-5", "--memory-layer-lr", "1.5e-4"]
+
+
 def moc_flags() -> list:
     """MoC on 2 ranks with chapter parallelism (each rank owns 64 of the 128 routed chapters) and
-    causal chunk routing, so the exported model generates exactly as it was trained."""
-    return ["--expert-model-parallel-size", 2, "--memory-routing-unit", "chunk", "--memory-routing-chunk", 32]
+    causal chunk routing."""
+    return ["--expert-model-parallel-size", 2, *CHUNK_ROUTING]
 
 
 def vanilla_flags(scale: dict) -> list:
@@ -158,7 +167,7 @@ def stage_ift(out: Path, chat: Path, tokenizer: Path, scale: dict) -> Path:
                  ckpt / "latest"):
         cmd = train_cmd(out, "moc-ift", tokenizer, scale, scale["ift_iters"]) + moc_flags() + [
             "--load", out / "checkpoints" / "moc", "--finetune", "--chat-data", chat, "--freeze-memory-bank",
-            "--lr", "3e-4", "--min-lr", "3e-5", "--memory-layer-lr", "1.5e-4", "--split", "95,5,0"]
+            *IFT_LRS, "--split", "95,5,0"]
         run(cmd, out / "logs" / "moc-ift.log")
     return ckpt
 
@@ -205,14 +214,88 @@ def stage_evaluate(out: Path, checkpoints: dict, tokenizer: Path, scale: dict) -
     return scores
 
 
-def eval_losses(log: Path) -> list:
+def eval_curve(log: Path) -> tuple[list, list]:
+    """(iterations, validation lm losses) of a run's --log-jsonl."""
     if not log.exists():
-        return []
-    return [r["eval_lm_loss"] for r in map(json.loads, log.read_text().splitlines()) if "eval_lm_loss" in r]
+        return [], []
+    recs = [r for r in map(json.loads, log.read_text().splitlines()) if "eval_lm_loss" in r]
+    return [r["iteration"] for r in recs], [r["eval_lm_loss"] for r in recs]
+
+
+def eval_losses(log: Path) -> list:
+    return eval_curve(log)[1]
+
+
+def chapter_usage(tensorboard_dir: Path) -> dict:
+    """{memory layer: reads per chapter (list, by chapter id)} summed over the logged steps, from the
+    trainer's TensorBoard histograms router/layer<L>/chapter_usage (training/metrics.py)."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    if not tensorboard_dir.exists():
+        return {}
+    acc = EventAccumulator(str(tensorboard_dir), size_guidance={HISTOGRAMS: 0})
+    acc.Reload()
+    usage = {}
+    for tag in acc.Tags().get("histograms", []):
+        if tag.startswith("router/layer") and tag.endswith("/chapter_usage"):
+            layer = int(tag[len("router/layer"):].split("/")[0])
+            counts = None
+            for event in acc.Histograms(tag):
+                bucket = list(event.histogram_value.bucket)
+                counts = bucket if counts is None else [a + b for a, b in zip(counts, bucket)]
+            usage[layer] = counts or []
+    return dict(sorted(usage.items()))
+
+
+def stage_figure(out: Path, logs: dict, tensorboard_dir: Path, shared_chapters: int | None = None) -> Path | None:
+    """demo_out/quickstart.png: both models' validation curves, and how often MoC read each routed
+    chapter (load 1 = uniform; the always-read shared chapters are left out)."""
+    print("\n=== 7/7 figure: validation curves and chapter usage", flush=True)
+    try:
+        import matplotlib
+    except ImportError:
+        print("  matplotlib is not installed (pip install -r requirements.txt): no figure")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if shared_chapters is None:
+        from moc_megatron.config import load_config
+
+        shared_chapters = load_config(ROOT / "configs/train/moc-tiny.yaml").memory.shared_chapters
+    usage = chapter_usage(tensorboard_dir)
+    fig = plt.figure(figsize=(11, 4.2))
+    grid = fig.add_gridspec(max(len(usage), 1), 2)
+    ax_loss = fig.add_subplot(grid[:, 0])
+    for name, log in logs.items():
+        iters, losses = eval_curve(log)
+        if iters:
+            ax_loss.plot(iters, losses, marker="o", label=name)
+    ax_loss.set(xlabel="iteration", ylabel="validation lm loss", title="validation loss")
+    ax_loss.legend()
+    for row, (layer, counts) in enumerate(usage.items()):
+        ax = fig.add_subplot(grid[row, 1])
+        routed = counts[shared_chapters:]
+        mean = sum(routed) / max(len(routed), 1)
+        ids = range(shared_chapters, shared_chapters + len(routed))
+        ax.bar(ids, [c / mean if mean else 0.0 for c in routed], width=1.0, color=f"C{row + 2}")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_ylabel(f"layer {layer}\nload")
+        if row == 0:
+            ax.set_title("MoC chapter usage: reads per routed chapter / mean (1 = uniform)", fontsize=10)
+        if row == len(usage) - 1:
+            ax.set_xlabel("routed chapter id (summed over the logged steps)")
+    fig.tight_layout()
+    path, partial = out / "quickstart.png", out / "quickstart.png.tmp"
+    fig.savefig(partial, dpi=110, format="png")  # a finished file or none under the name
+    plt.close(fig)
+    os.replace(partial, path)
+    print(f"  wrote {path}")
+    return path
 
 
 def summary(out: Path, moc: Path, vanilla: Path, hf: Path, completion: str, seconds: float,
-            scores: dict) -> None:
+            scores: dict, figure: Path | None = None) -> None:
     m, v = eval_losses(moc), eval_losses(vanilla)
     print("\n=== 7/7 summary")
     print(f"  validation lm loss   first    last")
@@ -225,9 +308,12 @@ def summary(out: Path, moc: Path, vanilla: Path, hf: Path, completion: str, seco
     print(f"  artefacts under {out}: corpus/ tokenizer/ data/ checkpoints/ logs/ tensorboard/ hf/")
     print(f"  Hugging Face model: {hf}")
     print(f"  TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    if figure:
+        print(f"  figure (validation curves, chapter usage): {figure}")
     print(f"  finished in {seconds / 60:.1f} min")
     (out / "summary.json").write_text(json.dumps({"moc_eval_lm_loss": m, "vanilla_eval_lm_loss": v,
-                                                  "completion": completion, "hf": str(hf), "local_task": scores},
+                                                  "completion": completion, "hf": str(hf), "local_task": scores,
+                                                  "figure": str(figure) if figure else None},
                                                  indent=1))
 
 
