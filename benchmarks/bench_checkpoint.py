@@ -78,7 +78,7 @@ def _baseline(run, cfg, ctx, path: str, rank: int, root: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.checkpoint import FileSystemReader
 
-    from moc_megatron.training.dist_state import MODEL, OPTIM, AdamState, BankAdamState, global_parameters
+    from moc_megatron.training.dist_state import MODEL, OPTIM, AdamState, BankAdamState, _keeper, global_parameters
 
     mine = {}
     for kind in (MODEL, OPTIM):
@@ -89,11 +89,11 @@ def _baseline(run, cfg, ctx, path: str, rank: int, root: str) -> dict:
     tensors = {n: p.detach().cpu() for n, p in named if n in mine[MODEL]}
     for prefix, opt in (("optim", AdamState(run.engine)),) + ((("bank_optim", BankAdamState(run.bank_optimizer)),)
                                                              if run.bank_optimizer is not None else ()):
-        for n, p in named:
-            if opt.manages(p):
-                for k, v in opt.get(p).items():  # collective: every rank gathers every weight
-                    if f"{prefix}.{n}.{k}" in mine[OPTIM]:
-                        tensors[f"{prefix}.{n}.{k}"] = v
+        for i, (n, p) in enumerate((n, p) for n, p in named if opt.manages(p)):
+            entry = opt.get(p, _keeper(p, ctx, i))  # collective, as in the save
+            for k, v in (entry or {}).items():
+                if f"{prefix}.{n}.{k}" in mine[OPTIM]:
+                    tensors[f"{prefix}.{n}.{k}"] = v
     # views (ZeRO keeps weights and states in flat buffers) would make torch.save write the whole buffer
     tensors = {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
                for k, v in tensors.items()}
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
         return worker(args)
     results = [run_case(c, args.repeats) for c in args.cases]
     md = (f"# Checkpoint cost at moc-paper (fp32, ZeRO 1)\n\n{table(results)}\n\nMedians of {args.repeats} saves and "
-          "loads. save: checkpoint.save (gather of the ZeRO partitions, DCP write, RNG, metadata, fsync, rename); "
+          "loads. save: checkpoint.save (ZeRO partitions reduced per weight onto one rank, DCP write, RNG, metadata, fsync, rename); "
           "torch.save: the same tensors per rank, fsynced. load: resume.load into the running engine. Target: "
           "save at most 1.5x torch.save.\n")
     print(md)

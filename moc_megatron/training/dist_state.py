@@ -14,9 +14,9 @@ the new layout. So TP, PP, EP, DP and the ZeRO stage may all change between save
 conversion step: the names and global shapes do not depend on them.
 
 ZeRO 1/2 and DeepSpeed's BF16_Optimizer keep AdamW's state in flat fp32 partitions; each weight's
-part is gathered into the whole (TP-local) tensor with DeepSpeed's safe_get_full_* (one all-reduce
-over the weight's data-parallel group) and scattered back with safe_set_full_*, which copy only this
-rank's fragment. Under ZeRO 0 in fp32, torch's AdamW holds the state keyed by the weight itself.
+fragments are summed into the whole (TP-local) tensor on one of its data-parallel ranks (a reduce;
+the ranks take turns, so each keeps about 1/DP of the state in host memory) and scattered back at
+load with DeepSpeed's safe_set_full_*, which copy only this rank's fragment. Under ZeRO 0 in fp32, torch's AdamW holds the state keyed by the weight itself.
 
 Why DCP and not DeepSpeed's universal checkpoint: the universal format needs an offline conversion
 (ds_to_universal) and a load flag, and does not reshard MoE expert state (DeepSpeed #6589, #5716);
@@ -142,28 +142,36 @@ class AdamState:
             return self.inner.state[self.inner.param_groups[self.group_of[id(p)]]["params"][0]]["step"]
         return self.inner.state[self.master_of[id(p)]]["step"]
 
-    def get(self, p) -> dict[str, torch.Tensor]:
-        """Of a weight in fp32, no master: the weight itself is."""
+    def get(self, p, keeper: int) -> dict[str, torch.Tensor] | None:
+        """On global rank ``keeper`` (one of the ranks holding p), p's state; None on the others. Collective
+        over p's data-parallel group when ZeRO partitions it. Of a weight in fp32, no master: the weight is."""
         keys = ("exp_avg", "exp_avg_sq") + (("master",) if p.dtype != torch.float32 else ())
         if self.flat:
-            out = {k: self._full(p, None if k == "master" else k) for k in keys}
+            out = {k: self._full(p, None if k == "master" else k, keeper) for k in keys}
         else:
             hp = self.master_of[id(p)]
             out = {k: hp.detach() if k == "master" else self.inner.state[hp][k] for k in keys}
+        if dist.get_rank() != keeper:
+            return None
         out["step"] = self._step_of(p)
         return {k: v.detach().to("cpu", torch.float32) for k, v in out.items()}
 
     @staticmethod
-    def _full(p, key: str | None) -> torch.Tensor:
-        """The whole (TP-local) fp32 master (key None) or moment of p. Without data-parallel partitioning
-        this rank holds it whole: a view, no collective (the choice is the same on every rank)."""
+    def _full(p, key: str | None, keeper: int) -> torch.Tensor | None:
+        """The whole (TP-local) fp32 master (key None) or moment of p, on ``keeper``: each rank's fragment
+        summed into it (a reduce, not DeepSpeed's all-reduce: only one rank writes it). Without
+        data-parallel partitioning this rank holds it whole: a view, no collective (the same choice on
+        every rank)."""
         fragment = p._hp_mapping
         if dist.get_world_size(p._dp_group) == 1 and fragment is not None \
                 and fragment.lp_fragment_address.numel == p.numel():
             return fragment.get_hp_fragment(key).view(p.shape)
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        buffer = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        if fragment is not None:
+            address = fragment.lp_fragment_address
+            buffer.narrow(0, address.start, address.numel).copy_(fragment.get_hp_fragment(key))
+        dist.reduce(buffer, dst=keeper, group=p._dp_group)
+        return buffer.view(p.shape)
 
     def set(self, p, state: dict[str, torch.Tensor]) -> None:
         """``state``: master (fp32), exp_avg, exp_avg_sq (TP-local shape), step (0-d)."""
@@ -210,7 +218,9 @@ class BankAdamState:
                     state["master"] = p.detach().float()
                 self.optimizer.state[p] = state
 
-    def get(self, p) -> dict[str, torch.Tensor]:
+    def get(self, p, keeper: int) -> dict[str, torch.Tensor] | None:
+        if dist.get_rank() != keeper:
+            return None
         return {k: v.detach().cpu() for k, v in self.optimizer.state[p].items()}
 
     def set(self, p, state: dict[str, torch.Tensor]) -> None:
@@ -235,13 +245,11 @@ def save(engine, cfg: Config, ctx, path: str, pause: Callable[[str], None] = lam
     optimizers[0][1].check_covers(named, [o for _, o in optimizers[1:]])
     for prefix, opt in optimizers:
         opt.ensure()
-        for n, p in named:
-            if not opt.manages(p):
-                continue
-            keep = _first_of_replicas(p, ctx)  # every replica gathers (collective); one keeps it for DCP
-            for k, v in opt.get(p).items():
-                if keep:
-                    state[f"{prefix}.{n}.{k}"] = place.wrap(place.of(n, p), v)
+        for i, (n, p) in enumerate((n, p) for n, p in named if opt.manages(p)):
+            # the replicas take turns keeping (and writing) a weight's state: host memory and writes spread
+            entry = opt.get(p, _keeper(p, ctx, i))
+            for k, v in (entry or {}).items():
+                state[f"{prefix}.{n}.{k}"] = place.wrap(place.of(n, p), v)
     dcp.save(state, storage_writer=_writer(os.path.join(path, OPTIM)))
 
 
@@ -296,14 +304,17 @@ def _optimizers(engine) -> list[tuple[str, object]]:
     return out
 
 
-def _first_of_replicas(p, ctx) -> bool:
-    """Whether this rank is the first of those holding the same TP-local tensor (its data-parallel
-    group; the expert-data-parallel group for a chapter-parallel bank shard)."""
+def _keeper(p, ctx, i: int) -> int:
+    """The global rank that keeps the i-th weight's optimizer state for writing: the (i mod n)-th of the
+    n ranks holding the same TP-local weight (its data-parallel group; the expert-data-parallel group
+    for a chapter-parallel bank shard)."""
     group = getattr(p, "_dp_group", None)
     if group is None:
         routed = ctx.ep_size > 1 and getattr(p, "allreduce", True) is False
         group = ctx.expert_dp_group if routed else ctx.dp_group
-    return group is None or dist.get_rank(group) == 0
+    if group is None or dist.get_world_size(group) == 1:
+        return dist.get_rank()
+    return dist.get_global_rank(group, i % dist.get_world_size(group))
 
 
 def _global_shape(where: tuple | None, p: torch.Tensor) -> tuple[int, ...]:
