@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,6 +258,16 @@ def _tag_dir(root: str) -> str:
     return os.path.join(root, open(os.path.join(root, "latest")).read().strip())
 
 
+def _what_load_reads_first(path: str) -> None:
+    """resume.load's reads before any tensor: the metadata file, then both DCP directories' .metadata."""
+    from moc_megatron.training.dist_state import MODEL, OPTIM, stored_tensors
+    from moc_megatron.training.resume import read_meta
+
+    read_meta(path)
+    for kind in (MODEL, OPTIM):
+        stored_tensors(os.path.join(path, kind))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["no layout", "bad json", "no model metadata", "corrupt optim metadata"])
 def test_damaged_checkpoint_is_refused_naming_the_file(original, tmp_path, damage):
@@ -278,8 +289,12 @@ def test_damaged_checkpoint_is_refused_naming_the_file(original, tmp_path, damag
         with open(os.path.join(path, "optim", ".metadata"), "r+b") as f:
             f.truncate(40)
         want = f"{os.path.join(path, 'optim', '.metadata')}: unreadable"
-    msg = run_ranks(_build, 1, (root, {}), timeout=300)[0]
-    assert msg is not None and want in msg, msg
+    with pytest.raises(UserError) as refused:
+        _what_load_reads_first(path)
+    assert want in str(refused.value)
+    if damage == "corrupt optim metadata":  # and through --load itself, after the weights were read
+        msg = run_ranks(_build, 1, (root, {}), timeout=300)[0]
+        assert msg is not None and want in msg, msg
 
 
 @pytest.mark.slow
@@ -288,8 +303,19 @@ def test_damaged_checkpoint_is_refused_naming_the_file(original, tmp_path, damag
                                           ({"training": {"memory_bank_optimizer": "sparse_adam"}},
                                            "--memory-bank-optimizer is adamw there")])
 def test_what_cannot_carry_over_is_refused_by_flag(original, change, flag):
-    msg = run_ranks(_build, 1, (original["root"], change), timeout=300)[0]
-    assert msg is not None and flag in msg, msg
+    from moc_megatron.training.resume import check_compatible, read_meta
+
+    path = _tag_dir(original["root"])
+    cfg = _cfg(load=original["root"])
+    for section, values in change.items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
+    with pytest.raises(UserError, match="checkpoint incompatible with this run") as refused:
+        check_compatible(read_meta(path), cfg, SimpleNamespace(dp_size=1), path)
+    assert flag in str(refused.value)
+    if "global_batch_size" in change.get("training", {}):  # and through --load itself
+        msg = run_ranks(_build, 1, (original["root"], change), timeout=300)[0]
+        assert msg is not None and flag in msg, msg
 
 
 def test_stored_tensors_names_a_missing_checkpoint(tmp_path):

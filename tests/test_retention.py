@@ -75,7 +75,7 @@ def test_retention_quick_end_to_end(tmp_path):
 
     doc = json.loads((results / "retention.json").read_text())
     assert {"settings", "seeds", "arms", "raw", "summary", "paired"} <= set(doc)
-    assert doc["arms"] == list(ret.ARMS) and len(doc["seeds"]) == 2
+    assert doc["arms"] == list(ret.ARMS) and len(doc["seeds"]) == 1  # pairing over seeds: test_report_pairs_by_seed
     raw, n = doc["raw"], len(doc["seeds"])
     for arm in ret.ARMS:
         for m in _metrics(ret):
