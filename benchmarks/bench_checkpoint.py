@@ -78,22 +78,16 @@ def _baseline(run, cfg, ctx, path: str, rank: int, root: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.checkpoint import FileSystemReader
 
-    from moc_megatron.training.dist_state import MODEL, OPTIM, AdamState, BankAdamState, _keeper, global_parameters
+    from moc_megatron.training.dist_state import MODEL, OPTIM, Chunks, state_dicts
 
-    mine = {}
-    for kind in (MODEL, OPTIM):
+    tensors = {}
+    for kind, state in zip((MODEL, OPTIM), state_dicts(run.engine, cfg, ctx)):
         meta = FileSystemReader(os.path.join(path, kind)).read_metadata()
-        mine[kind] = {idx.fqn for idx, info in meta.storage_data.items()
-                      if info.relative_path.startswith(f"__{rank}_")}
-    named = global_parameters(run.engine.module, cfg)
-    tensors = {n: p.detach().cpu() for n, p in named if n in mine[MODEL]}
-    for prefix, opt in (("optim", AdamState(run.engine)),) + ((("bank_optim", BankAdamState(run.bank_optimizer)),)
-                                                             if run.bank_optimizer is not None else ()):
-        for i, (n, p) in enumerate((n, p) for n, p in named if opt.manages(p)):
-            entry = opt.get(p, _keeper(p, ctx, i))  # collective, as in the save
-            for k, v in (entry or {}).items():
-                if f"{prefix}.{n}.{k}" in mine[OPTIM]:
-                    tensors[f"{prefix}.{n}.{k}"] = v
+        for idx, info in meta.storage_data.items():
+            if info.relative_path.startswith(f"__{rank}_"):
+                obj = state[idx.fqn]
+                obj = obj.box(idx.offset) if isinstance(obj, Chunks) else obj
+                tensors[f"{idx.fqn}@{tuple(idx.offset or ())}"] = obj
     # views (ZeRO keeps weights and states in flat buffers) would make torch.save write the whole buffer
     tensors = {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
                for k, v in tensors.items()}
@@ -174,7 +168,7 @@ def main(argv=None) -> None:
         return worker(args)
     results = [run_case(c, args.repeats) for c in args.cases]
     md = (f"# Checkpoint cost at moc-paper (fp32, ZeRO 1)\n\n{table(results)}\n\nMedians of {args.repeats} saves and "
-          "loads. save: checkpoint.save (ZeRO partitions reduced per weight onto one rank, DCP write, RNG, metadata, fsync, rename); "
+          "loads. save: checkpoint.save (each rank's own ZeRO ranges and weights, DCP write, RNG, metadata, fsync, rename); "
           "torch.save: the same tensors per rank, fsynced. load: resume.load into the running engine. Target: "
           "save at most 1.5x torch.save.\n")
     print(md)

@@ -112,12 +112,16 @@ def _resumed(rank, world_size, layout, load, iters, bank, save=None, bf16=False)
     with contextlib.redirect_stdout(log):
         run = build(_cfg(**layout, load=load, iters=iters, bank=bank, save=save, bf16=bf16))
     state = _optimizer_state(run)
+    from moc_megatron.training.dist_state import global_parameters
+
+    weights = {n: p.detach().cpu().clone() for n, p in global_parameters(run.engine.module, run.cfg)}
     try:
         loop(run)
     finally:
         run.exits.close()
         run.reporter.close()
-    return {"start": run.start_iteration, "history": _history(run), "state": state, "log": log.getvalue()}
+    return {"start": run.start_iteration, "history": _history(run), "state": state, "weights": weights,
+            "log": log.getvalue()}
 
 
 def _merge(per_rank: list[dict]) -> dict:
@@ -216,7 +220,8 @@ def test_sparse_adam_bank_goes_from_ep2_to_one_process_and_back(tmp_path):
 @pytest.mark.slow
 def test_bf16_fp32_masters_and_moments_carry_over_and_the_same_layout_resumes_bitwise(tmp_path):
     """bf16 at EP=2 (ZeRO 1, fp32 masters) saved at N: one process under ZeRO 0 (DeepSpeed's
-    BF16_Optimizer) gets the masters and moments bit for bit; EP=2 again continues bitwise."""
+    BF16_Optimizer) gets the masters and moments bit for bit; EP=2 again continues bitwise; an fp32 run
+    takes the masters as its weights."""
     root = str(tmp_path / "bf16")
     straight = run_ranks(_straight, 2, ({"ep": 2}, root, 2 * N, N, "adamw", True), timeout=600)
     _point_latest_at(root, N)
@@ -228,6 +233,13 @@ def test_bf16_fp32_masters_and_moments_carry_over_and_the_same_layout_resumes_bi
         assert abs(loss - want) <= 2**-7 * abs(want)  # bf16 at another layout: bf16 resolution
     again = run_ranks(_resumed, 2, ({"ep": 2}, root, 2 * N, "adamw", None, True), timeout=600)
     assert again[0]["history"] == straight[0]["history"][N:]
+    # in fp32 (one process, ZeRO 1) the weights are the fp32 masters, not their bf16 rounding
+    fp32 = run_ranks(_resumed, 1, ({"zero": 1}, root, 2 * N, "adamw"), timeout=600)[0]
+    assert fp32["weights"].keys() == saved.keys()
+    for name, state in saved.items():
+        assert torch.equal(fp32["weights"][name], state["master"]), name
+    _assert_same_state(_merge([fp32["state"]]),
+                       {n: {k: v for k, v in s.items() if k != "master"} for n, s in saved.items()})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,15 +8,17 @@
                     RowSparseAdam (--memory-bank-optimizer sparse_adam)
 
 Each directory is one DCP checkpoint (a .metadata file and __<rank>_<i>.distcp files of each writing rank).
-Every rank offers what it holds; DCP writes each chunk once (replicas are deduplicated and spread
-over the ranks holding them) and, on load, reads whichever saved chunks overlap each rank's slice of
-the new layout. So TP, PP, EP, DP and the ZeRO stage may all change between save and load, with no
-conversion step: the names and global shapes do not depend on them.
+Every rank offers what it holds as chunks of the global tensors (``Chunks``); DCP writes each chunk once
+(replicas are deduplicated and spread over the ranks holding them) and, on load, reads whichever saved
+chunks overlap each rank's own. So TP, PP, EP, DP and the ZeRO stage may all change between save and
+load, with no conversion step: the names and global shapes do not depend on them.
 
-ZeRO 1/2 and DeepSpeed's BF16_Optimizer keep AdamW's state in flat fp32 partitions; each weight's
-fragments are summed into the whole (TP-local) tensor on one of its data-parallel ranks (a reduce;
-the ranks take turns, so each keeps about 1/DP of the state in host memory) and scattered back at
-load with DeepSpeed's safe_set_full_*, which copy only this rank's fragment. Under ZeRO 0 in fp32, torch's AdamW holds the state keyed by the weight itself.
+ZeRO 1/2 and DeepSpeed's BF16_Optimizer keep AdamW's state in flat fp32 partitions, a range of each
+weight's elements per data-parallel rank. Each rank writes its own range, as the few boxes of the
+global tensor it makes up, straight from the partition, and reads its range back into it: there is
+no collective and no whole copy of the state on any rank (Megatron's fully sharded format does the
+same). Under ZeRO 0 the state is per weight: torch's AdamW keyed by the weight in fp32, or
+FP16_UnfusedOptimizer's fp32 copy of it in bf16.
 
 Why DCP and not DeepSpeed's universal checkpoint: the universal format needs an offline conversion
 (ds_to_universal) and a load flag, and does not reshard MoE expert state (DeepSpeed #6589, #5716);
@@ -25,17 +27,18 @@ DCP reshards at load, as torchtitan and Megatron's torch_dist format do.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
 from moc_megatron.config import Config
 from moc_megatron.errors import UserError
 
 MODEL, OPTIM = "model", "optim"
-ADAM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")
 WRITE_THREADS = 4
 
 
@@ -52,11 +55,75 @@ def global_parameters(module: torch.nn.Module, cfg: Config) -> list[tuple[str, t
     return list(module.named_parameters())
 
 
+class Chunks:
+    """Elements [start, start + n) of this rank's local tensor (row-major, shape ``local``), held in
+    ``flat`` ([n]), as DCP chunks of the global tensor (shape ``size``, the local one at ``origin``).
+
+    A range of a row-major tensor is a few boxes (a partial row, whole rows, a partial row; the same
+    within a row), each contiguous in ``flat``: they are written from it and read into it in place.
+    The whole local tensor (start 0, n its size) is one box."""
+
+    def __init__(self, flat: torch.Tensor, start: int, local: tuple[int, ...], origin: list[int], size: list[int]):
+        self.flat, self.global_size, self.boxes = flat, torch.Size(size), {}
+        at = 0
+        for offsets, sizes in _boxes(start, flat.numel(), tuple(local)):
+            offsets = torch.Size(o + g for o, g in zip(offsets, origin))
+            self.boxes[offsets] = (torch.Size(sizes), at)
+            at += math.prod(sizes)
+
+    def size(self) -> torch.Size:  # the global tensor's, as DCP checks it against the stored one
+        return self.global_size
+
+    def box(self, offsets) -> torch.Tensor:
+        sizes, at = self.boxes[torch.Size(offsets)]
+        return self.flat.narrow(0, at, math.prod(sizes)).view(sizes)
+
+    # DCP's _Checkpointable protocol (as DTensor implements it)
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        properties = TensorProperties.create_from_tensor(self.flat)
+        return [WriteItem(index=MetadataIndex(fqn, offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=chunk, properties=properties, size=self.global_size))
+                for offsets, chunk in zip(self.boxes, self.__create_chunk_list__())]
+
+    def __create_chunk_list__(self) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=offsets, sizes=sizes) for offsets, (sizes, _) in self.boxes.items()]
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        return self.box(index.offset)
+
+
+def _boxes(start: int, n: int, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(offsets, sizes) of the boxes that elements [start, start + n) of a row-major tensor of ``shape``
+    make up, in order."""
+    if n == 0:
+        return []
+    if len(shape) <= 1:
+        return [((start,) * len(shape), (n,) * len(shape))]
+    inner, rest = math.prod(shape[1:]), len(shape) - 1
+    row, col = divmod(start, inner)
+    out = []
+    if col:  # the end of a row
+        k = min(n, inner - col)
+        out += [((row,) + o, (1,) + s) for o, s in _boxes(col, k, shape[1:])]
+        row, n = row + 1, n - k
+    if n >= inner:  # whole rows
+        out.append(((row,) + (0,) * rest, (n // inner,) + shape[1:]))
+        row, n = row + n // inner, n % inner
+    if n:  # the start of a row
+        out += [((row,) + o, (1,) + s) for o, s in _boxes(0, n, shape[1:])]
+    return out
+
+
 class Placement:
-    """Where this rank's tensor sits in the global one: a chunk along ``dim`` over ``group``, or whole."""
+    """Where this rank's tensor sits in the global one: a chunk along one dimension over a group, or whole."""
 
     def __init__(self, ctx):
-        self.ctx, self.meshes = ctx, {}
+        self.ctx = ctx
 
     def of(self, name: str, p: torch.Tensor) -> tuple | None:
         """(group, dim) of the sharded dimension; None when every holder has it whole."""
@@ -67,18 +134,24 @@ class Placement:
             return ctx.tp_group, p.partition_dim
         return None
 
-    def wrap(self, where: tuple | None, local: torch.Tensor):
-        """``local`` as DCP should see it: a DTensor chunk of the global tensor, or the tensor itself."""
-        if where is None or local.ndim == 0:
-            return local
-        from torch.distributed.tensor import DTensor, Shard
+    def global_shape(self, name: str, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(self._origin_and_size(name, p)[1])
 
-        group, dim = where
-        if id(group) not in self.meshes:
-            from torch.distributed.device_mesh import DeviceMesh
+    def chunks(self, name: str, p: torch.Tensor, flat: torch.Tensor, start: int = 0):
+        """``flat``, elements [start, start + n) of p's shape (p's own, or its state's), as DCP should see it."""
+        if p.ndim == 0:
+            return flat.view(())
+        origin, size = self._origin_and_size(name, p)
+        return Chunks(flat, start, tuple(p.shape), origin, size)
 
-            self.meshes[id(group)] = DeviceMesh.from_group(group, "cpu")
-        return DTensor.from_local(local, self.meshes[id(group)], [Shard(dim)], run_check=False)
+    def _origin_and_size(self, name: str, p: torch.Tensor) -> tuple[list[int], list[int]]:
+        origin, size = [0] * p.ndim, list(p.shape)
+        where = self.of(name, p)
+        if where is not None:
+            group, dim = where
+            origin[dim] = dist.get_rank(group) * size[dim]
+            size[dim] *= dist.get_world_size(group)
+        return origin, size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,12 +159,13 @@ class Placement:
 
 
 class AdamState:
-    """The engine's AdamW state of each weight as whole TP-local tensors: master (fp32), exp_avg,
-    exp_avg_sq, step. ``get`` is collective over the weight's data-parallel group under ZeRO.
+    """The engine's AdamW state of each weight: ``ranges(p)`` gives, per key (master, exp_avg,
+    exp_avg_sq), the elements of it this rank holds, as (flat tensor, start in p's elements);
+    ``step_of(p)`` the step.
 
-    Wrappers: ZeRO 1/2 and BF16_Optimizer keep flat fp32 partitions linked to each weight
-    (``_hp_mapping``); FP16_UnfusedOptimizer (bf16 under ZeRO 0 on some devices) one fp32 copy per
-    weight; ZeRO 0 in fp32 leaves torch's AdamW keyed by the weight itself."""
+    Wrappers: ZeRO 1/2 and BF16_Optimizer keep flat fp32 partitions, a range of each weight per
+    data-parallel rank (``_hp_mapping``); FP16_UnfusedOptimizer (bf16 under ZeRO 0 on some devices) one
+    fp32 copy per weight; ZeRO 0 in fp32 leaves torch's AdamW keyed by the weight itself, its own master."""
 
     def __init__(self, engine):
         self.wrapper = inner = engine.optimizer
@@ -104,13 +178,10 @@ class AdamState:
             self.group_of = {id(p): i for i, group in enumerate(lp_groups) for p in group}
             self.master_of = {}
         elif hasattr(self.wrapper, "fp16_groups") and hasattr(self.wrapper, "fp32_groups"):
-            pairs = [(lp, hp) for lps, hps in zip(self.wrapper.fp16_groups, self.wrapper.fp32_groups)
-                     for lp, hp in zip(lps, hps)]
-            self.master_of = {id(lp): hp for lp, hp in pairs}
-            self.group_of = {id(lp): 0 for lp, _ in pairs}
+            self.master_of = {id(lp): hp for lps, hps in zip(self.wrapper.fp16_groups, self.wrapper.fp32_groups)
+                              for lp, hp in zip(lps, hps)}
         else:
             self.master_of = {id(p): p for g in inner.param_groups for p in g["params"]}
-            self.group_of = {id(p): 0 for g in inner.param_groups for p in g["params"]}
 
     def check_covers(self, named, others=()) -> None:
         """Every trained weight has its state here or in ``others``: refuse a wrapper we cannot read."""
@@ -121,7 +192,7 @@ class AdamState:
                             f"more) inside DeepSpeed's {type(self.wrapper).__name__}")
 
     def manages(self, p) -> bool:
-        return id(p) in self.group_of
+        return id(p) in (self.group_of if self.flat else self.master_of)
 
     def ensure(self) -> None:
         """Create AdamW's state where there is none yet (before the first step), and link each weight's
@@ -137,65 +208,27 @@ class AdamState:
             self.wrapper._hp_optimizer_states_linked = False
             self.wrapper._lazy_init_hp_params_optimizer_state()
 
-    def _step_of(self, p) -> torch.Tensor:
+    def step_of(self, p) -> torch.Tensor:
         if self.flat:
             return self.inner.state[self.inner.param_groups[self.group_of[id(p)]]["params"][0]]["step"]
         return self.inner.state[self.master_of[id(p)]]["step"]
 
-    def get(self, p, keeper: int) -> dict[str, torch.Tensor] | None:
-        """On global rank ``keeper`` (one of the ranks holding p), p's state; None on the others. Collective
-        over p's data-parallel group when ZeRO partitions it. Of a weight in fp32, no master: the weight is."""
-        keys = ("exp_avg", "exp_avg_sq") + (("master",) if p.dtype != torch.float32 else ())
+    def ranges(self, p) -> dict[str, tuple[torch.Tensor, int]]:
+        """key -> (this rank's elements of p's state, flat; the first one's index in p). No "master"
+        where the weight is its own (ZeRO 0 in fp32)."""
         if self.flat:
-            out = {k: self._full(p, None if k == "master" else k, keeper) for k in keys}
-        else:
-            hp = self.master_of[id(p)]
-            out = {k: hp.detach() if k == "master" else self.inner.state[hp][k] for k in keys}
-        if dist.get_rank() != keeper:
-            return None
-        out["step"] = self._step_of(p)
-        return {k: v.detach().to("cpu", torch.float32) for k, v in out.items()}
-
-    @staticmethod
-    def _full(p, key: str | None, keeper: int) -> torch.Tensor | None:
-        """The whole (TP-local) fp32 master (key None) or moment of p, on ``keeper``: each rank's fragment
-        summed into it (a reduce, not DeepSpeed's all-reduce: only one rank writes it). Without
-        data-parallel partitioning this rank holds it whole: a view, no collective (the same choice on
-        every rank)."""
-        fragment = p._hp_mapping
-        if dist.get_world_size(p._dp_group) == 1 and fragment is not None \
-                and fragment.lp_fragment_address.numel == p.numel():
-            return fragment.get_hp_fragment(key).view(p.shape)
-        buffer = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-        if fragment is not None:
-            address = fragment.lp_fragment_address
-            buffer.narrow(0, address.start, address.numel).copy_(fragment.get_hp_fragment(key))
-        dist.reduce(buffer, dst=keeper, group=p._dp_group)
-        return buffer.view(p.shape)
-
-    def set(self, p, state: dict[str, torch.Tensor]) -> None:
-        """``state``: master (fp32), exp_avg, exp_avg_sq (TP-local shape), step (0-d)."""
-        if self.flat:
-            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-            safe_set_full_fp32_param(p, state["master"].to(p.device))
-            for k in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, state[k].to(p.device), k)
-        else:
-            hp = self.master_of[id(p)]
-            hp.data.copy_(state["master"])
-            for k in ("exp_avg", "exp_avg_sq"):
-                self.inner.state[hp][k].copy_(state[k])
-        self._step_of(p).copy_(state["step"])
-
-    def set_master(self, p, weight: torch.Tensor) -> None:
-        """The fp32 master of ``p`` from a weight (--finetune: weights without optimizer state)."""
-        if self.flat:
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            safe_set_full_fp32_param(p, weight.to(p.device, torch.float32))
-        else:
-            self.master_of[id(p)].data.copy_(weight)
+            fragment = p._hp_mapping
+            if fragment is None:  # this rank's partition holds none of p
+                empty = torch.empty(0, dtype=torch.float32, device=p.device)
+                return {k: (empty, 0) for k in ("master", "exp_avg", "exp_avg_sq")}
+            start = fragment.lp_fragment_address.start
+            return {k: (fragment.get_hp_fragment(None if k == "master" else k), start)
+                    for k in ("master", "exp_avg", "exp_avg_sq")}
+        hp = self.master_of[id(p)]
+        out = {k: (self.inner.state[hp][k].view(-1), 0) for k in ("exp_avg", "exp_avg_sq")}
+        if hp is not p:
+            out["master"] = (hp.detach().view(-1), 0)
+        return out
 
 
 class BankAdamState:
@@ -218,14 +251,11 @@ class BankAdamState:
                     state["master"] = p.detach().float()
                 self.optimizer.state[p] = state
 
-    def get(self, p, keeper: int) -> dict[str, torch.Tensor] | None:
-        if dist.get_rank() != keeper:
-            return None
-        return {k: v.detach().cpu() for k, v in self.optimizer.state[p].items()}
+    def step_of(self, p) -> torch.Tensor:
+        return self.optimizer.state[p]["step"]
 
-    def set(self, p, state: dict[str, torch.Tensor]) -> None:
-        for k, v in self.optimizer.state[p].items():  # "master" only in bf16; load() fills it from the weight
-            v.copy_(state[k])
+    def ranges(self, p) -> dict[str, tuple[torch.Tensor, int]]:
+        return {k: (v.view(-1), 0) for k, v in self.optimizer.state[p].items() if k != "step"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,66 +264,83 @@ class BankAdamState:
 
 def save(engine, cfg: Config, ctx, path: str, pause: Callable[[str], None] = lambda point: None) -> None:
     """Write path/model and path/optim. Collective: every rank calls it."""
-    import torch.distributed.checkpoint as dcp
-
-    named, place = global_parameters(engine.module, cfg), Placement(ctx)
-    weights = {n: place.wrap(place.of(n, p), p.detach().cpu()) for n, p in named}
-    dcp.save(weights, storage_writer=_writer(os.path.join(path, MODEL)))
+    model, optim = state_dicts(engine, cfg, ctx)
+    _write(model, os.path.join(path, MODEL))
     pause("model")
-    state = {}
+    _write(optim, os.path.join(path, OPTIM))
+
+
+def state_dicts(engine, cfg: Config, ctx) -> tuple[dict, dict]:
+    """What this rank offers DCP for path/model and path/optim: its weights, and its ranges of the
+    optimizer states (views, no copies). A master is stored only for weights that are not fp32."""
+    named, place = global_parameters(engine.module, cfg), Placement(ctx)
+    model = {n: place.chunks(n, p, p.detach().view(-1)) for n, p in named}
+    optim = {}
     optimizers = _optimizers(engine)
     optimizers[0][1].check_covers(named, [o for _, o in optimizers[1:]])
     for prefix, opt in optimizers:
         opt.ensure()
-        for i, (n, p) in enumerate((n, p) for n, p in named if opt.manages(p)):
-            # the replicas take turns keeping (and writing) a weight's state: host memory and writes spread
-            entry = opt.get(p, _keeper(p, ctx, i))
-            for k, v in (entry or {}).items():
-                state[f"{prefix}.{n}.{k}"] = place.wrap(place.of(n, p), v)
-    dcp.save(state, storage_writer=_writer(os.path.join(path, OPTIM)))
+        for n, p in ((n, p) for n, p in named if opt.manages(p)):
+            for k, (flat, start) in opt.ranges(p).items():
+                if k != "master" or p.dtype != torch.float32:
+                    optim[f"{prefix}.{n}.{k}"] = place.chunks(n, p, flat, start)
+            optim[f"{prefix}.{n}.step"] = opt.step_of(p)  # the same on every holder: DCP writes it once
+    return model, optim
 
 
 def load(engine, cfg: Config, ctx, path: str, weights_only: bool = False) -> None:
     """Fill this rank's weights (and, unless weights_only, optimizer states) from path/model, path/optim,
-    saved at any layout. A missing or unreadable file, or a name or shape the checkpoint lacks, is a
-    UserError that names it."""
+    saved at any layout, in place. A missing or unreadable file, or a name or shape the checkpoint lacks,
+    is a UserError that names it.
+
+    An fp32 weight is read from its stored master when there is one (a checkpoint of a bf16 run):
+    the master, not its bf16 rounding, is what training continues from."""
     named, place = global_parameters(engine.module, cfg), Placement(ctx)
+    optim_folder = os.path.join(path, OPTIM)
+    optim_saved = {} if weights_only else stored_tensors(optim_folder)
+    optimizers = _optimizers(engine)
+    optimizers[0][1].check_covers(named, [o for _, o in optimizers[1:]])
+    masters = {n: f"{prefix}.{n}.master" for prefix, opt in optimizers for n, p in named
+               if opt.manages(p) and p.dtype == torch.float32 and f"{prefix}.{n}.master" in optim_saved}
+
     folder = os.path.join(path, MODEL)
     saved = stored_tensors(folder)
     weights = {}
     for n, p in named:
-        _check_stored(saved, folder, n, _global_shape(place.of(n, p), p))
-        weights[n] = torch.empty(p.shape, dtype=saved[n][1])
-    _read(folder, weights, place, named)
+        if n not in masters:
+            _check_stored(saved, folder, n, place.global_shape(n, p))
+            weights[n] = torch.empty(p.shape, dtype=saved[n][1])
+    _read(folder, {n: place.chunks(n, p, weights[n].view(-1)) for n, p in named if n in weights})
+    if masters:
+        for n, p in named:
+            if n in masters:
+                _check_stored(optim_saved, optim_folder, masters[n], place.global_shape(n, p))
+                weights[n] = torch.empty(p.shape, dtype=torch.float32)
+        _read(optim_folder, {masters[n]: place.chunks(n, p, weights[n].view(-1)) for n, p in named if n in masters})
     with torch.no_grad():
         for n, p in named:
             p.copy_(weights[n].to(p.device, p.dtype))
-    if weights_only:
-        adam = AdamState(engine)
-        for n, p in named:
-            if adam.manages(p):
-                adam.set_master(p, weights[n])
-        return
-    folder = os.path.join(path, OPTIM)
-    saved = stored_tensors(folder)
-    optimizers = _optimizers(engine)
-    optimizers[0][1].check_covers(named, [o for _, o in optimizers[1:]])
+
+    targets, from_weights = {}, []
     for prefix, opt in optimizers:
         opt.ensure()
-        mine = [(n, p) for n, p in named if opt.manages(p)]
-        state = {}
-        for n, p in mine:
-            for k in ADAM_KEYS:
+        for n, p in ((n, p) for n, p in named if opt.manages(p)):
+            for k, (flat, start) in opt.ranges(p).items():
                 key = f"{prefix}.{n}.{k}"
-                if k == "master" and key not in saved:
-                    continue  # saved in fp32: the master is the weight
-                _check_stored(saved, folder, key, () if k == "step" else _global_shape(place.of(n, p), p))
-                state[key] = torch.empty(() if k == "step" else p.shape, dtype=torch.float32)
-        _read(folder, state, place, mine, prefix)
-        for n, p in mine:
-            entry = {k: state[f"{prefix}.{n}.{k}"] for k in ADAM_KEYS if f"{prefix}.{n}.{k}" in state}
-            entry.setdefault("master", weights[n].float())
-            opt.set(p, entry)
+                if k == "master" and (weights_only or p.dtype == torch.float32 or key not in optim_saved):
+                    from_weights.append((n, flat, start))  # the weight, as loaded above, is the master
+                elif not weights_only:
+                    _check_stored(optim_saved, optim_folder, key, place.global_shape(n, p))
+                    targets[key] = place.chunks(n, p, flat, start)
+            if not weights_only:
+                key = f"{prefix}.{n}.step"
+                _check_stored(optim_saved, optim_folder, key, ())
+                targets[key] = opt.step_of(p)
+    with torch.no_grad():
+        for n, flat, start in from_weights:
+            flat.copy_(weights[n].reshape(-1).narrow(0, start, flat.numel()))
+    if targets:
+        _read(optim_folder, targets)
 
 
 def _optimizers(engine) -> list[tuple[str, object]]:
@@ -304,52 +351,43 @@ def _optimizers(engine) -> list[tuple[str, object]]:
     return out
 
 
-def _keeper(p, ctx, i: int) -> int:
-    """The global rank that keeps the i-th weight's optimizer state for writing: the (i mod n)-th of the
-    n ranks holding the same TP-local weight (its data-parallel group; the expert-data-parallel group
-    for a chapter-parallel bank shard)."""
-    group = getattr(p, "_dp_group", None)
-    if group is None:
-        routed = ctx.ep_size > 1 and getattr(p, "allreduce", True) is False
-        group = ctx.expert_dp_group if routed else ctx.dp_group
-    if group is None or dist.get_world_size(group) == 1:
-        return dist.get_rank()
-    return dist.get_global_rank(group, i % dist.get_world_size(group))
+class _SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index):
+        obj = self.state_dict[index.fqn]
+        return obj.box(index.offset) if isinstance(obj, Chunks) else super().lookup_object(index)
 
 
-def _global_shape(where: tuple | None, p: torch.Tensor) -> tuple[int, ...]:
-    shape = list(p.shape)
-    if where is not None:
-        group, dim = where
-        shape[dim] *= dist.get_world_size(group)
-    return tuple(shape)
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        chunks = {k: v for k, v in state_dict.items() if isinstance(v, Chunks)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)  # turns objects it does not know into None
+        state_dict.update(chunks)
+        self.state_dict.update(chunks)
+
+    def lookup_tensor(self, index):
+        obj = self.state_dict[index.fqn]
+        return obj.box(index.offset) if isinstance(obj, Chunks) else super().lookup_tensor(index)
 
 
-def _writer(folder: str):
+def _write(state: dict, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
     # four files per rank, written by four threads: 2-3x faster than one on the paper's model here
     # (benchmarks/bench_checkpoint.py), since torch.save into DCP's stream wrapper is slow in a single thread
-    return FileSystemWriter(folder, single_file_per_rank=True, sync_files=True, thread_count=WRITE_THREADS)
+    writer = FileSystemWriter(folder, single_file_per_rank=True, sync_files=True, thread_count=WRITE_THREADS)
+    dcp.save(state, storage_writer=writer, planner=_SavePlanner())
 
 
-def _read(folder: str, targets: dict[str, torch.Tensor], place: Placement, named, prefix: str | None = None) -> None:
-    """dcp.load into ``targets`` (this rank's local tensors), each wrapped by its parameter's placement."""
+def _read(folder: str, targets: dict) -> None:
+    """dcp.load into ``targets`` (this rank's tensors or Chunks of them), in place."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    where = {n: place.of(n, p) for n, p in named}
-    wrapped = {k: place.wrap(where[_param_name(k, prefix)], t) for k, t in targets.items()}
     try:
-        dcp.load(wrapped, storage_reader=FileSystemReader(folder))
+        dcp.load(targets, storage_reader=FileSystemReader(folder), planner=_LoadPlanner())
     except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException with every rank's error
         raise UserError(f"{folder}: could not read the checkpoint ({_first_line(e)})") from e
-
-
-def _param_name(key: str, prefix: str | None) -> str:
-    if prefix is None:
-        return key
-    return key[len(prefix) + 1 : key.rindex(".")]
 
 
 def stored_tensors(folder: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
