@@ -49,12 +49,12 @@ def worker(args) -> None:
     rank = dist.get_rank()
     saves, baselines, loads = [], [], []
     for i in range(args.repeats):
-        dist.barrier()
+        _settle()
         t0 = time.perf_counter()
         path = checkpoint.save(run.engine, run.scheduler, cfg, ctx, i + 1, 2 * (i + 1))
         saves.append(time.perf_counter() - t0)
         baselines.append(_baseline(run, cfg, ctx, path, rank, root))
-        dist.barrier()
+        _settle()
         t0 = time.perf_counter()
         resume.load(run.engine, run.scheduler, cfg, ctx)
         dist.barrier()
@@ -92,7 +92,7 @@ def _baseline(run, cfg, ctx, path: str, rank: int, root: str) -> dict:
     tensors = {k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
                for k, v in tensors.items()}
     f = os.path.join(root, f"baseline_rank{rank}.pt")
-    dist.barrier()
+    _settle()
     t0 = time.perf_counter()
     torch.save(tensors, f)
     fd = os.open(f, os.O_RDONLY)
@@ -100,6 +100,7 @@ def _baseline(run, cfg, ctx, path: str, rank: int, root: str) -> dict:
     os.close(fd)
     dist.barrier()
     save = time.perf_counter() - t0
+    _settle()
     t0 = time.perf_counter()
     torch.load(f, map_location="cpu", weights_only=True)
     dist.barrier()
@@ -108,6 +109,15 @@ def _baseline(run, cfg, ctx, path: str, rank: int, root: str) -> dict:
     dist.all_reduce(total)
     os.remove(f)
     return {"save": save, "load": load, "bytes": int(total)}
+
+
+def _settle() -> None:
+    """Every timed write or read starts with no dirty pages left by the one before (they would be
+    written back during it), on every rank at once."""
+    import torch.distributed as dist
+
+    os.sync()
+    dist.barrier()
 
 
 def _bytes(path: str) -> dict:
