@@ -148,11 +148,11 @@ def _point_latest_at(root: str, iteration: int) -> None:
     atomic_write(os.path.join(root, "latest"), tag_of(iteration))
 
 
-def _assert_follows(resumed: list, straight: list, first: int, norm_rel: float = 1e-5):
+def _assert_follows(resumed: list, straight: list, first: int):
     assert len(resumed) >= 3
     for i, ((loss, norm), (want_loss, want_norm)) in enumerate(zip(resumed, straight[first:])):
         assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (first + i + 1, loss, want_loss)
-        assert abs(norm - want_norm) <= norm_rel * abs(want_norm), (first + i + 1, norm, want_norm)
+        assert abs(norm - want_norm) <= 1e-5 * abs(want_norm), (first + i + 1, norm, want_norm)
 
 
 def _assert_same_state(got: dict, want: dict):
@@ -164,14 +164,12 @@ def _assert_same_state(got: dict, want: dict):
 
 
 ORIGINAL = {"tp": 2, "ep": 2, "zero": 1}  # 4 ranks: TP 2 x DP 2, chapters over 2 EP ranks
-TARGETS = {  # world size, layout, relative tolerance of the gradient norm
-    "one process": (1, {"zero": 1}, 1e-5),
-    "EP2 x DP4, ZeRO 2": (4, {"ep": 2, "zero": 2}, 1e-5),
-    "PP2": (2, {"pp": 2, "zero": 1}, 1e-5),
-    "TP2": (2, {"tp": 2, "zero": 1}, 1e-5),
-    # ZeRO 0 reports the norm of the gradients themselves (step.zero0_grad_norm); DeepSpeed's ZeRO 1/2 norm
-    # of the same gradients is ~4e-5 larger (its own computation), so the norms compare at 1e-4 there
-    "one process, ZeRO 0": (1, {"zero": 0}, 1e-4),
+TARGETS = {  # world size, layout
+    "one process": (1, {"zero": 1}),
+    "EP2 x DP4, ZeRO 2": (4, {"ep": 2, "zero": 2}),
+    "PP2": (2, {"pp": 2, "zero": 1}),
+    "TP2": (2, {"tp": 2, "zero": 1}),
+    "one process, ZeRO 0": (1, {"zero": 0}),  # the norm is ours there (optim.global_grad_norm), DeepSpeed's above
 }
 
 
@@ -187,13 +185,13 @@ def original(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_resume_at_another_layout_follows_the_run_that_never_stopped(original, target):
-    world, layout, norm_rel = TARGETS[target]
+    world, layout = TARGETS[target]
     ranks = run_ranks(_resumed, world, (layout, original["root"], 2 * N, "adamw"), timeout=600)
     assert all(r["start"] == N for r in ranks)
     assert "saved at TP 2 x PP 1 x EP 2 x DP 2, ZeRO 1; resharding to TP" in ranks[0]["log"], ranks[0]["log"]
     _assert_same_state(_merge([r["state"] for r in ranks]), original["state"])
     for r in ranks:  # every rank logs the same reduced loss and norm
-        _assert_follows(r["history"], original["history"], N, norm_rel)
+        _assert_follows(r["history"], original["history"], N)
 
 
 @pytest.mark.slow

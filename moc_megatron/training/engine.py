@@ -18,7 +18,7 @@ import torch.distributed as dist
 from moc_megatron.config import Config
 from moc_megatron.errors import UserError
 from moc_megatron.parallel.state import ParallelContext, cpu_deepspeed
-from moc_megatron.training.optim import build_optimizer, build_scheduler, optimizer_groups
+from moc_megatron.training.optim import build_optimizer, build_scheduler, global_grad_norm, optimizer_groups
 
 NEVER = 10**12  # DeepSpeed's own periodic printing is replaced by ours
 
@@ -75,7 +75,7 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext, ds: dict) -> dict:
     out["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     out["train_batch_size"] = t.global_batch_size
     out["gradient_accumulation_steps"] = accumulation_steps(cfg, ctx)
-    out["gradient_clipping"] = t.clip_grad
+    out["gradient_clipping"] = 0.0 if clips_itself(cfg) else t.clip_grad
     out.setdefault("zero_optimization", {})["stage"] = t.zero_stage
     bf16 = t.bf16 and bf16_supported()
     out["bf16"] = {**out.get("bf16", {}), "enabled": bf16}
@@ -89,6 +89,11 @@ def deepspeed_config(cfg: Config, ctx: ParallelContext, ds: dict) -> dict:
     out.setdefault("steps_per_print", NEVER)
     out.setdefault("wall_clock_breakdown", False)
     return out
+
+
+def clips_itself(cfg: Config) -> bool:
+    """ZeRO 0 in fp32: our AdamW clips by the true global norm (optim.AdamW), DeepSpeed not at all."""
+    return cfg.training.zero_stage == 0 and not (cfg.training.bf16 and bf16_supported())
 
 
 def accumulation_steps(cfg: Config, ctx: ParallelContext) -> int:
@@ -127,6 +132,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, ctx: ParallelContext, ds: 
                                                mpu=mpu, dist_init_required=False)
     finally:
         optimizer.drop_step = False
+    if clips_itself(cfg):
+        optimizer.norm_of_grads = lambda: global_grad_norm(engine.module.parameters(), ctx, engine.device)
+        optimizer.clip_grad = cfg.training.clip_grad
     if hasattr(engine.optimizer, "check_grad_overflow"):
         # ZeRO 1/2 drop a step with NaN/inf gradients only when asked (fp32: only when clipping)
         engine.optimizer.check_grad_overflow = True

@@ -71,14 +71,58 @@ def group_lrs(optimizer) -> dict[str, float]:
 
 class AdamW(torch.optim.AdamW):
     """torch's AdamW whose step can be dropped (--nan-policy skip), under whichever ZeRO stage wraps it:
-    nothing of the weights or the moments changes while ``drop_step`` is set."""
+    nothing of the weights or the moments changes while ``drop_step`` is set.
+
+    Under ZeRO 0 in fp32 DeepSpeed steps it directly, and DeepSpeed's clipping norm there is not the
+    model's: it counts a tied embedding once per pipeline stage holding it, and averages the norms of
+    different chapter shards over the data-parallel ranks. There build_engine sets ``norm_of_grads``
+    (global_grad_norm) and ``clip_grad``, and the step clips by the true norm itself; ``grad_norm()`` is
+    that norm for the coming step, computed once."""
 
     drop_step = False
+    norm_of_grads = None  # () -> float, under ZeRO 0 in fp32
+    clip_grad = 0.0
+    last_grad_norm = None  # the norm the last step clipped by
+    _norm = None
+
+    def grad_norm(self) -> float:
+        if self._norm is None:
+            self._norm = self.norm_of_grads()
+        return self._norm
 
     def step(self, closure=None):
         if self.drop_step:
+            self._norm = None
             return None
+        if self.norm_of_grads is not None:
+            self.last_grad_norm, self._norm = self.grad_norm(), None
+            coef = self.clip_grad / (self.last_grad_norm + 1e-6)  # as DeepSpeed and Megatron clip
+            if self.clip_grad > 0 and coef < 1:
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
         return super().step(closure)
+
+
+def global_grad_norm(params, ctx, device) -> float:
+    """The 2-norm of the whole model's gradient, each gradient counted once however many ranks hold it:
+    its data-parallel replicas (the expert-data-parallel ones for a chapter shard), its tensor-parallel
+    replicas when megatron-core does not shard it, and a tied weight's copies on other pipeline stages
+    (DeepSpeed marks them ``ds_pipe_replicated``). Collective over the world, on ``device``."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    shard_copies = torch.distributed.get_world_size(ctx.expert_dp_group) if ctx.ep_size > 1 else ctx.dp_size
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        copies = shard_copies if getattr(p, "allreduce", True) is False else ctx.dp_size
+        if not getattr(p, "tensor_model_parallel", False):
+            copies *= ctx.tp_size
+        # in fp64: torch's fp32 norm on CPU accumulates sequentially and is 4e-5 off at moc-tiny's embedding
+        total += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) ** 2 / copies
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    return total.sqrt().item()
 
 
 def build_optimizer(groups: list[dict], cfg: Config) -> AdamW:

@@ -44,7 +44,8 @@ class PipelineSteps:
                                              "applied this update")
             skipped = True
         self.scheduler.step(1)
-        norm = engine.get_global_grad_norm()
+        norm = engine.get_global_grad_norm()  # None under ZeRO 0, where our AdamW clipped by its own
+        norm = getattr(engine.optimizer, "last_grad_norm", None) if norm is None else norm
         norm = norm.item() if isinstance(norm, torch.Tensor) else norm
         has = cfg.has_memory
         return StepResult(iteration=iteration, loss=loss, lm_loss=lm, load_balance_loss=lb if has else None,

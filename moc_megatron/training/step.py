@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moc_megatron.errors import UserError
-from moc_megatron.training.optim import group_lrs
+from moc_megatron.training.optim import global_grad_norm, group_lrs
 
 
 class NonFiniteLoss(UserError):
@@ -72,7 +72,7 @@ class Steps:
             router = accumulate_router(router, out.router_stats)
             if i == len(batches) - 1:
                 totals = reduce_parts(sums, len(batches), self.ctx)
-                norm = zero0_grad_norm(engine)
+                norm = zero0_grad_norm(engine, optimizer, self.ctx)
                 problem = _nonfinite(totals, norm)
                 if problem:
                     apply_nan_policy(cfg, iteration, problem)
@@ -134,12 +134,14 @@ def reduce_parts(sums: torch.Tensor, n: int, ctx) -> torch.Tensor:
     return sums / (n * ctx.dp_size)
 
 
-def zero0_grad_norm(engine) -> float | None:
-    """Global gradient norm under ZeRO 0 (DeepSpeed reports none there); None under ZeRO 1/2."""
+def zero0_grad_norm(engine, optimizer, ctx) -> float | None:
+    """Global gradient norm under ZeRO 0 (DeepSpeed reports none there); None under ZeRO 1/2. In fp32,
+    the norm AdamW's coming step clips by."""
     if engine.zero_optimization_stage() != 0:
         return None
-    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+    if optimizer.norm_of_grads is not None:
+        return optimizer.grad_norm()
+    return global_grad_norm(engine.module.parameters(), ctx, engine.device)
 
 
 def _nonfinite(totals: torch.Tensor, grad_norm: float | None) -> str | None:
