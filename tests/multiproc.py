@@ -27,6 +27,7 @@ class RankFailed(RuntimeError):
 
 
 def _entry(fn, rank, world_size, port, outdir, args, env):
+    os.environ.clear()
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -44,11 +45,32 @@ def _entry(fn, rank, world_size, port, outdir, args, env):
             dist.destroy_process_group()
 
 
+# imported once by the fork server that starts every rank (on CPU machines): each rank would otherwise
+# spend seconds importing megatron-core and DeepSpeed again. Only third-party modules, so that the
+# ranks see this checkout's files as they are when the rank starts.
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "megatron.core.parallel_state", "megatron.core.tensor_parallel"]
+_context = None
+
+
+def _mp_context():
+    """forkserver with PRELOAD where no GPU is visible; spawn where one is (a fork server that touched the
+    driver while importing would hand its children a CUDA state they cannot use)."""
+    global _context
+    if _context is None:
+        if torch.cuda.is_available():
+            _context = mp.get_context("spawn")
+        else:
+            _context = mp.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
 def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 300.0, env: dict | None = None):
-    ctx = mp.get_context("spawn")
+    ctx = _mp_context()
+    env = {**os.environ, **(env or {})}  # the fork server's environment is the one it started with
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="moc-ranks-") as outdir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, outdir, args, env or {}),
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, outdir, args, env),
                              daemon=True) for r in range(world_size)]
         for p in procs:
             p.start()
