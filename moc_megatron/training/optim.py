@@ -74,10 +74,9 @@ class AdamW(torch.optim.AdamW):
     nothing of the weights or the moments changes while ``drop_step`` is set.
 
     Under ZeRO 0 in fp32 DeepSpeed steps it directly, and DeepSpeed's clipping norm there is not the
-    model's: it counts a tied embedding once per pipeline stage holding it, and averages the norms of
-    different chapter shards over the data-parallel ranks. There build_engine sets ``norm_of_grads``
-    (global_grad_norm) and ``clip_grad``, and the step clips by the true norm itself; ``grad_norm()`` is
-    that norm for the coming step, computed once."""
+    model's: it counts a tied embedding once per pipeline stage holding it. There build_engine sets
+    ``norm_of_grads`` (global_grad_norm) and ``clip_grad``, and the step clips by the true norm itself;
+    ``grad_norm()`` is that norm for the coming step, computed once."""
 
     drop_step = False
     norm_of_grads = None  # () -> float, under ZeRO 0 in fp32
@@ -96,12 +95,10 @@ class AdamW(torch.optim.AdamW):
             return None
         if self.norm_of_grads is not None:
             self.last_grad_norm, self._norm = self.grad_norm(), None
-            coef = self.clip_grad / (self.last_grad_norm + 1e-6)  # as DeepSpeed and Megatron clip
-            if self.clip_grad > 0 and coef < 1:
-                for g in self.param_groups:
-                    for p in g["params"]:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
+            if self.clip_grad > 0:  # by clip / (norm + 1e-6) where that is below 1, as DeepSpeed and Megatron
+                params = [p for g in self.param_groups for p in g["params"]]
+                norm = torch.tensor(self.last_grad_norm, dtype=torch.float64)
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
         return super().step(closure)
 
 
