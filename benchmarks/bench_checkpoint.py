@@ -1,8 +1,9 @@
 """What a checkpoint costs at the paper's size: save and load time and bytes, against plain torch.save.
 
 moc-paper (configs/train/moc-paper-pretrain.yaml, ZeRO 1) in fp32 at 1 process and at EP=2 on 2 ranks,
-and in bf16 (weights in bf16, fp32 masters stored beside them) at EP=2, through the real code: the trainer builds the engine, checkpoint.save writes iter_N (model/ and optim/
-by torch.distributed.checkpoint, RNG, metadata, fsync, rename), resume.load reads it back into a fresh
+and in bf16 (weights in bf16, fp32 masters stored beside them) at EP=2, through the real code: the
+trainer builds the engine, checkpoint.save writes iter_N (model/ and optim/ by
+torch.distributed.checkpoint, RNG, metadata, fsync, rename), resume.load reads it back into the running
 engine. The baseline writes the same tensors with torch.save: each rank saves exactly the tensors DCP
 gave its file (read from the checkpoint's metadata), then fsyncs, as the checkpoint does.
 
@@ -140,7 +141,8 @@ def run_case(name: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="moc-bench-ckpt-", dir=os.environ.get("MOC_BENCH_DIR")) as tmp:
         result = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_port()), __file__, "--worker", "--ep", str(ep), *(["--bf16"] if bf16 else []), "--dir", os.path.join(tmp, "ckpt"),
+               str(_port()), __file__, "--worker", "--ep", str(ep), *(["--bf16"] if bf16 else []),
+               "--dir", os.path.join(tmp, "ckpt"),
                "--result", result, "--repeats", str(repeats)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
